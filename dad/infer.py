@@ -1,0 +1,206 @@
+"""Depth maps for images: upstream-exact preprocessing, batched prediction, and `dad infer`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dad.errors import DadError, DataError
+from dad.models import IMAGENET_MEAN, IMAGENET_STD, DepthAnythingV2, load_depth_model
+from dad.utils.images import list_images, load_rgb
+from dad.utils.progress import progress
+
+SAVE_KINDS = ("npy", "png16", "color")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an unavailable explicit choice is an error."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DadError("--device cuda asked for, but no CUDA device is available; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DadError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def autocast_for(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA (upstream practice); full precision elsewhere."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def network_size(height: int, width: int, input_size: int = 518, multiple: int = 14) -> tuple[int, int]:
+    """Upstream's resize target: keep aspect so both sides are >= input_size, then each side
+    rounded to a multiple of 14, or the next multiple up if rounding falls below input_size."""
+    scale = max(input_size / height, input_size / width)
+    out = []
+    for side in (height * scale, width * scale):
+        m = round(side / multiple) * multiple
+        if m < input_size:
+            m = math.ceil(side / multiple) * multiple
+        out.append(int(m))
+    return out[0], out[1]
+
+
+def preprocess(rgb: np.ndarray | torch.Tensor, input_size: int = 518) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> normalised (1, 3, h, w) float32, resized bicubically without
+    antialiasing (matches upstream's cv2 INTER_CUBIC on the float image)."""
+    t = torch.as_tensor(rgb)
+    x = t.permute(2, 0, 1)[None].float() / 255.0
+    h, w = network_size(t.shape[0], t.shape[1], input_size)
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
+    return normalize(x)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1], (B, 3, H, W) -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict_batch(
+    model: DepthAnythingV2, images: Sequence[np.ndarray], input_size: int = 518, precision: str = "bf16"
+) -> list[np.ndarray]:
+    """Disparity at each image's own resolution (float32 (H, W)); images must share a shape."""
+    device = next(model.parameters()).device
+    x = torch.cat([preprocess(im, input_size) for im in images]).to(device)
+    with autocast_for(device, precision):
+        depth = model(x)
+    h, w = images[0].shape[:2]
+    depth = F.interpolate(depth[:, None].float(), size=(h, w), mode="bilinear", align_corners=True)[:, 0]
+    return [d.cpu().numpy().astype(np.float32) for d in depth]
+
+
+def predict_depth(model: DepthAnythingV2, rgb: np.ndarray, input_size: int = 518, precision: str = "bf16") -> np.ndarray:
+    """Disparity for one (H, W, 3) uint8 image, at its resolution."""
+    return predict_batch(model, [rgb], input_size, precision)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# writing outputs
+
+
+def disparity_to_uint16(disparity: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(disparity)), float(np.max(disparity))
+    if hi <= lo:
+        return np.zeros(disparity.shape, np.uint16)
+    return ((disparity - lo) / (hi - lo) * 65535.0).round().astype(np.uint16)
+
+
+def colorize(disparity: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H, W, 3) uint8 with a perceptually ordered map (near = bright yellow, far = dark)."""
+    from dad.utils.colormap import apply_colormap
+
+    lo, hi = np.percentile(disparity, [1, 99]) if disparity.size else (0.0, 1.0)
+    x = np.clip((disparity - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    return apply_colormap(x)
+
+
+def save_prediction(disparity: np.ndarray, out_dir: Path, stem: str, kinds: Iterable[str]) -> list[Path]:
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind in kinds:
+        if kind == "npy":
+            path = out_dir / f"{stem}.npy"
+            np.save(path, disparity.astype(np.float32))
+        elif kind == "png16":
+            path = out_dir / f"{stem}.png"
+            Image.fromarray(disparity_to_uint16(disparity)).save(path)
+        elif kind == "color":
+            path = out_dir / f"{stem}_color.png"
+            Image.fromarray(colorize(disparity)).save(path)
+        else:
+            raise DadError(f"unknown --save kind {kind!r}: use a comma list of {', '.join(SAVE_KINDS)}")
+        written.append(path)
+    return written
+
+
+@dataclass
+class InferResult:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def _unique_stems(paths: list[Path]) -> dict[Path, str]:
+    """Output stems: the file stem, made unique with its parent folders when names collide."""
+    stems: dict[Path, str] = {}
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p.stem] = counts.get(p.stem, 0) + 1
+    for p in paths:
+        if counts[p.stem] == 1:
+            stems[p] = p.stem
+        else:
+            stems[p] = "_".join([*p.parent.parts[-2:], p.stem]).replace(os.sep, "_").lstrip("_")
+    return stems
+
+
+def run_inference(
+    checkpoint: str | os.PathLike,
+    inputs: Sequence[str],
+    output_dir: str | os.PathLike,
+    arch=None,
+    input_size: int = 518,
+    save: Sequence[str] = ("npy", "png16", "color"),
+    batch_size: int = 1,
+    device: str = "auto",
+    precision: str = "bf16",
+    show_progress: bool = True,
+) -> InferResult:
+    """`dad infer`: predict and write maps for every image; unreadable files are listed in the
+    result (the caller decides the exit code) and the run goes on."""
+    for kind in save:
+        if kind not in SAVE_KINDS:
+            raise DadError(f"unknown --save kind {kind!r}: use a comma list of {', '.join(SAVE_KINDS)}")
+    if batch_size < 1:
+        raise DadError("--batch-size must be >= 1")
+    dev = resolve_device(device)
+    model = load_depth_model(checkpoint, arch=arch, device=dev)
+    paths = list_images(inputs)
+    stems = _unique_stems(paths)
+    out_dir = Path(output_dir)
+    result = InferResult()
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        preds = predict_batch(model, [im for _, im in pending], input_size, precision)
+        for (p, _), d in zip(pending, preds):
+            result.written += save_prediction(d, out_dir, stems[p], save)
+        pending.clear()
+
+    for path in progress(paths, desc="infer", unit="img", enabled=show_progress):
+        try:
+            rgb = load_rgb(path)
+        except DataError as e:
+            result.failed.append((str(path), str(e)))
+            print(f"skipped: {e}", file=sys.stderr)
+            continue
+        if pending and pending[0][1].shape != rgb.shape:
+            flush()  # batches hold images of one shape only
+        pending.append((path, rgb))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return result
