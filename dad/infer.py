@@ -62,6 +62,8 @@ def network_size(height: int, width: int, input_size: int = 518, multiple: int =
 def preprocess(rgb: np.ndarray | torch.Tensor, input_size: int = 518) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> normalised (1, 3, h, w) float32, resized bicubically without
     antialiasing (matches upstream's cv2 INTER_CUBIC on the float image)."""
+    if isinstance(rgb, np.ndarray) and not rgb.flags.writeable:
+        rgb = rgb.copy()  # torch cannot wrap read-only arrays (e.g. PIL views)
     t = torch.as_tensor(rgb)
     x = t.permute(2, 0, 1)[None].float() / 255.0
     h, w = network_size(t.shape[0], t.shape[1], input_size)
