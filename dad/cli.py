@@ -87,5 +87,70 @@ def convert(src, dst, arch, dtype):
     click.echo(f"wrote {path} (arch {meta['arch']['name']}, {dtype or 'float32'})")
 
 
+# ---------------------------------------------------------------------------------------------
+# stage 2
+
+
+def _explicit(ctx: click.Context) -> dict:
+    """The options the user actually gave (so a --config file fills only the rest)."""
+    from click.core import ParameterSource
+
+    out = {}
+    for name, value in ctx.params.items():
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(), default=None, help="TOML or YAML file with the same options; flags override it.")
+@click.option("--cache", multiple=True, help="Cache made by `dad cache-teachers` (repeatable).")
+@click.option("--student-arch", "--student_arch", "student_arch", help="vits|vitb|vitl|vitg, an alias, or a config JSON.")
+@click.option("--student-init", "--student_init", "student_init", default=None, help="Initialise the student from this checkpoint.")
+@click.option("--init-encoder-only", "--init_encoder_only", "init_encoder_only", is_flag=True, help="Take only the encoder from --student-init.")
+@click.option("--output-dir", "--output_dir", "output_dir", help="Checkpoints, train.log, metrics.jsonl, config.json.")
+@click.option("--batch-size", "--batch_size", "batch_size", type=int, help="Per-rank batch size [4].")
+@click.option("--lr", type=float, help="Learning rate of the head [5e-5].")
+@click.option("--encoder-lr-mult", "--encoder_lr_mult", "encoder_lr_mult", type=float, help="Encoder lr = lr x this [0.1].")
+@click.option("--weight-decay", "--weight_decay", "weight_decay", type=float, help="AdamW weight decay [0.01].")
+@click.option("--warmup-steps", "--warmup_steps", "warmup_steps", type=int, help="Linear warm-up steps [0].")
+@click.option("--num-iterations", "--num_iterations", "num_iterations", type=int, help="Optimizer steps [20000].")
+@click.option("--num-epochs", "--num_epochs", "num_epochs", type=int, help="Train for N passes over the cache instead.")
+@click.option("--grad-accum", "--grad_accum", "grad_accum", type=int, help="Micro-batches per optimizer step [1].")
+@click.option("--max-grad-norm", "--max_grad_norm", "max_grad_norm", type=float, help="Gradient clipping; 0 disables [1.0].")
+@click.option("--normalization", type=click.Choice(["global", "hybrid", "local", "none"]), help="Depth normalisation [hybrid].")
+@click.option("--num-segments", "--num_segments", "num_segments", type=int, help="Finest hybrid/local level, power of 2 [4].")
+@click.option("--lambda-lg", "--lambda_lg", "lambda_lg", type=float, help="Local-global loss weight [0.5].")
+@click.option("--lambda-feat", "--lambda_feat", "lambda_feat", type=float, help="Feature alignment weight [1.0].")
+@click.option("--lambda-grad", "--lambda_grad", "lambda_grad", type=float, help="Gradient matching weight [2.0].")
+@click.option("--teacher-probs", "--teacher_probs", "teacher_probs", help="NAME=P,... per-step teacher probabilities [uniform].")
+@click.option("--checkpoint-interval", "--checkpoint_interval", "checkpoint_interval", type=int, help="Steps between checkpoints [1000].")
+@click.option("--log-interval", "--log_interval", "log_interval", type=int, help="Steps between log lines [50].")
+@click.option("--val", multiple=True, help="Validate on DATASET[:N] every --val-interval steps (repeatable).")
+@click.option("--val-interval", "--val_interval", "val_interval", type=int, help="Steps between validations [1000].")
+@click.option("--val-input-size", "--val_input_size", "val_input_size", type=int, help="Validation input size [518].")
+@click.option("--num-workers", "--num_workers", "num_workers", type=int, help="DataLoader worker processes [2].")
+@click.option("--seed", type=int, help="Seed of init, sample order, teacher draws, augmentation [0].")
+@click.option("--device", help="auto|cpu|cuda|mps [auto].")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="bf16 autocast on GPU [bf16].")
+@click.option("--resume", is_flag=True, help="Continue from the training state in --output-dir.")
+@click.option("--online", is_flag=True, help="Baseline: run the teachers live instead of reading a cache.")
+@click.option("--teacher", "teachers", multiple=True, help="--online: teacher [NAME=]CKPT (repeatable).")
+@click.option("--images", help="--online: image source, as for cache-teachers.")
+@click.pass_context
+@handle_errors
+def train(ctx, config_file, **_):
+    """Train a student from cached teacher targets (cross-context distillation)."""
+    from dad.train.config import build_config, read_config_file
+    from dad.train.loop import train as run_training
+
+    cli_values = _explicit(ctx)
+    cli_values.pop("config_file", None)
+    file_values = read_config_file(config_file) if config_file else {}
+    cfg = build_config(file_values, cli_values)
+    summary = run_training(cfg)
+    click.echo(f"final checkpoint: {summary['final']}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,180 @@
+"""Training configuration: one dataclass, validated once, written into every output.
+
+Flags (and their seed spellings) map 1:1 onto fields; a ``--config`` TOML/YAML file may hold the
+same names (with '-' or '_'); flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dad.errors import ConfigError
+
+NORMALIZATIONS = ("global", "hybrid", "local", "none")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    cache: list[str] = field(default_factory=list)
+    output_dir: str = ""
+    # student
+    student_arch: str = ""
+    student_init: str | None = None
+    init_encoder_only: bool = False
+    # schedule
+    batch_size: int = 4
+    lr: float = 5e-5
+    encoder_lr_mult: float = 0.1
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    num_iterations: int = 20000
+    num_epochs: int | None = None
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    # distillation
+    normalization: str = "hybrid"
+    num_segments: int = 4
+    lambda_lg: float = 0.5
+    lambda_feat: float = 1.0
+    lambda_grad: float = 2.0
+    feature_alpha: float = 0.85
+    teacher_probs: dict[str, float] = field(default_factory=dict)
+    # augmentation
+    flip_prob: float = 0.5
+    color_jitter: float = 0.2
+    # logging / checkpoints
+    checkpoint_interval: int = 1000
+    log_interval: int = 50
+    val: list[str] = field(default_factory=list)
+    val_interval: int = 1000
+    val_input_size: int = 518
+    # runtime
+    num_workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "bf16"
+    resume: bool = False
+    max_nonfinite_steps: int = 5
+    # online baseline (teachers run live; no cache)
+    online: bool = False
+    teachers: list[str] = field(default_factory=list)
+    images: str | None = None
+    online_grid: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        def bad(flag: str, why: str) -> None:
+            raise ConfigError(f"--{flag}: {why}")
+
+        if not self.output_dir:
+            bad("output-dir", "required: where checkpoints and logs go")
+        if not self.student_arch:
+            bad("student-arch", "required: vits|vitb|vitl|vitg or a config JSON")
+        if self.online:
+            if not self.teachers:
+                bad("teacher", "--online needs at least one --teacher CKPT")
+            if not self.images:
+                bad("images", "--online needs --images SRC (the same sources cache-teachers takes)")
+        elif not self.cache:
+            bad("cache", "required: a cache made by `dad cache-teachers` (or use --online --teacher ... --images ...)")
+        for name in ("batch_size", "grad_accum", "checkpoint_interval", "log_interval", "val_interval"):
+            if getattr(self, name) < 1:
+                bad(name.replace("_", "-"), "must be >= 1")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            bad("num-epochs", "must be >= 1")
+        if self.num_iterations < 1:
+            bad("num-iterations", "must be >= 1")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            bad("lr", "must be a positive number")
+        if self.normalization not in NORMALIZATIONS:
+            bad("normalization", f"must be one of {', '.join(NORMALIZATIONS)}")
+        if self.num_segments < 1 or self.num_segments & (self.num_segments - 1):
+            bad("num-segments", "must be a power of two (1, 2, 4, 8, ...)")
+        for name in ("lambda_lg", "lambda_feat", "lambda_grad", "encoder_lr_mult", "weight_decay", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                bad(name.replace("_", "-"), "must be >= 0")
+        if self.precision not in ("bf16", "fp32"):
+            bad("precision", "must be bf16 or fp32")
+        if any(p < 0 for p in self.teacher_probs.values()) or (self.teacher_probs and sum(self.teacher_probs.values()) <= 0):
+            bad("teacher-probs", "probabilities must be >= 0 and not all 0, e.g. large=0.7,base=0.3")
+        if self.init_encoder_only and not self.student_init:
+            bad("init-encoder-only", "needs --student-init CKPT")
+        if not 0 <= self.flip_prob <= 1:
+            bad("flip-prob", "must lie in [0, 1]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_teacher_probs(text: str | dict | None) -> dict[str, float]:
+    """'large=0.7,base=0.3' -> {'large': 0.7, 'base': 0.3}."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return {str(k): float(v) for k, v in text.items()}
+    out = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--teacher-probs: cannot parse {part!r}; write NAME=P,NAME=P (e.g. large=0.7,base=0.3)") from None
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML or YAML file of option names -> values (names with '-' or '_')."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - parser errors of either library
+        raise ConfigError(f"--config {path}: cannot parse ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table of option = value")
+    if isinstance(data.get("train"), dict):  # allow a [train] section
+        data = data["train"]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
+    """Merge defaults <- config file <- explicitly given flags, then validate."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged: dict[str, Any] = {}
+    for source, values in (("--config", file_values), ("flag", cli_values)):
+        for k, v in values.items():
+            if k not in known:
+                raise ConfigError(f"{source}: unknown option {k.replace('_', '-')!r}; see `dad train --help`")
+            merged[k] = v
+    for k in ("cache", "val", "teachers"):
+        if isinstance(merged.get(k), str):
+            merged[k] = [merged[k]]
+    if "teacher_probs" in merged:
+        merged["teacher_probs"] = parse_teacher_probs(merged["teacher_probs"])
+    return TrainConfig(**merged).validate()

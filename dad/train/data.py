@@ -1,0 +1,172 @@
+"""The training data path: cached samples -> augmented batches, never a teacher.
+
+Every random choice is a pure function of (seed, step, position), so a resumed run sees exactly
+the batches an uninterrupted one would, whatever the number of DataLoader workers:
+- the order of samples in epoch e: a permutation seeded by (seed, e), cut into disjoint rank parts;
+- the teacher of step t: drawn with ``--teacher-probs`` from a generator seeded by (seed, t), one
+  teacher for the whole batch (SPEC 4; the same on every rank);
+- flip and photometric jitter of a sample: seeded by (seed, step, slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dad.cache.schema import CacheSample
+from dad.errors import ConfigError, DataError
+
+
+def teacher_for_step(seed: int, step: int, names: Sequence[str], probs: dict[str, float]) -> str:
+    """The teacher drawn for optimizer step ``step`` (uniform unless ``probs`` given)."""
+    if probs:
+        unknown = sorted(set(probs) - set(names))
+        if unknown:
+            raise ConfigError(f"--teacher-probs names {unknown}, but the cache has teachers {list(names)}")
+        weights = np.array([probs.get(n, 0.0) for n in names], dtype=np.float64)
+    else:
+        weights = np.ones(len(names), dtype=np.float64)
+    weights /= weights.sum()
+    rng = np.random.default_rng([seed, step, 0x7EAC])
+    return names[int(rng.choice(len(names), p=weights))]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one micro-batch of one rank reads: sample indices, the teacher, the RNG key."""
+
+    step: int
+    micro: int
+    indices: tuple[int, ...]
+    teacher: str
+
+
+class StepSampler:
+    """Yields the ``BatchPlan`` of every micro-batch of this rank, from ``start_step`` on.
+
+    Each rank reads a disjoint part of each epoch's permutation; the last incomplete batch of
+    an epoch is dropped so all ranks take the same number of steps.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, grad_accum: int, teachers: Sequence[str],
+                 teacher_probs: dict[str, float], seed: int, rank: int = 0, world_size: int = 1,
+                 total_steps: int | None = None, start_step: int = 0) -> None:
+        self.num_samples, self.batch_size, self.grad_accum = num_samples, batch_size, grad_accum
+        self.teachers, self.teacher_probs, self.seed = list(teachers), teacher_probs, seed
+        self.rank, self.world_size = rank, world_size
+        self.total_steps, self.start_step = total_steps, start_step
+        if self.batches_per_epoch < grad_accum:
+            raise DataError(
+                f"the cache has {num_samples} samples: too few for {world_size} rank(s) x --batch-size {batch_size}"
+                f" x --grad-accum {grad_accum}; cache more images or lower --batch-size"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self.num_samples // self.world_size) // self.batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.grad_accum
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch, 0x5A3]).permutation(self.num_samples)
+        per_rank = self.num_samples // self.world_size
+        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        step = self.start_step
+        while self.total_steps is None or step < self.total_steps:
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            order = self.epoch_order(epoch)
+            teacher = teacher_for_step(self.seed, step, self.teachers, self.teacher_probs)
+            for micro in range(self.grad_accum):
+                b = in_epoch * self.grad_accum + micro
+                idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+                yield BatchPlan(step, micro, tuple(int(i) for i in idx), teacher)
+            step += 1
+
+
+def augment_sample(sample: CacheSample, teacher: str, rng: np.random.Generator, flip_prob: float,
+                   color_jitter: float, want_features: bool) -> dict[str, torch.Tensor]:
+    """One sample's tensors for ``teacher``: flip applied to inputs and targets together,
+    photometric jitter to the student input only (targets stay valid)."""
+    if teacher not in sample.depth_region:
+        raise DataError(f"sample {sample.key} has no outputs of teacher {teacher!r} (has {sorted(sample.depth_region)})")
+    rgb = sample.rgb_region.astype(np.float32) / 255.0
+    depth = sample.depth_region[teacher].astype(np.float32)
+    patches = sample.depth_patches[teacher].astype(np.float32)
+    boxes = sample.patch_boxes.astype(np.float32).copy()
+    side = np.float32(sample.region_side)
+    feats = sample.features.get(teacher) if want_features else None
+    if want_features and feats is None:
+        raise DataError(f"sample {sample.key} has no features of teacher {teacher!r}; cache with --features or set --lambda-feat 0")
+    if rng.random() < flip_prob:
+        rgb, depth = rgb[:, ::-1], depth[:, ::-1]
+        patches = patches[:, :, ::-1]
+        boxes[:, [0, 2]] = side - boxes[:, [2, 0]]  # mirror x0, x1 inside the region
+        if feats is not None:
+            feats = feats[:, ::-1]
+    if color_jitter > 0:
+        # brightness, contrast and saturation factors in [1 - j, 1 + j]
+        b, c, s = 1.0 + rng.uniform(-color_jitter, color_jitter, size=3)
+        rgb = rgb * b
+        mean = rgb.mean()
+        rgb = (rgb - mean) * c + mean
+        gray = rgb.mean(axis=2, keepdims=True)
+        rgb = np.clip((rgb - gray) * s + gray, 0.0, 1.0)
+    out = {
+        "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
+        "depth_region": torch.from_numpy(np.ascontiguousarray(depth)),
+        "depth_patches": torch.from_numpy(np.ascontiguousarray(patches)),
+        "patch_boxes": torch.from_numpy(boxes),
+        "region_side": torch.tensor(side),
+    }
+    if feats is not None:
+        out["features"] = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1, feats.shape[-1]))
+    return out
+
+
+class CachedDistillDataset(Dataset):
+    """Map-style dataset over ``BatchPlan``s: item = one whole micro-batch (so a worker decodes
+    a batch at once and the teacher is known). The cache is opened lazily in each worker."""
+
+    def __init__(self, cache_paths: Sequence[str], seed: int, flip_prob: float, color_jitter: float, want_features: bool) -> None:
+        self.cache_paths = list(cache_paths)
+        self.seed, self.flip_prob, self.color_jitter, self.want_features = seed, flip_prob, color_jitter, want_features
+        self._cache = None
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            from dad.cache import open_caches
+
+            self._cache = open_caches(self.cache_paths)
+        return self._cache
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # each worker process opens its own handle
+        return state
+
+    def load(self, plan: BatchPlan) -> dict[str, Any]:
+        items = []
+        for slot, index in enumerate(plan.indices):
+            sample = self.cache.get(index, teachers=[plan.teacher], features=self.want_features)
+            rng = np.random.default_rng([self.seed, plan.step, plan.micro, slot, 0xA06])
+            items.append(augment_sample(sample, plan.teacher, rng, self.flip_prob, self.color_jitter, self.want_features))
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        batch["teacher"] = plan.teacher
+        batch["step"] = plan.step
+        batch["micro"] = plan.micro
+        return batch
+
+    def __getitem__(self, plan: BatchPlan) -> dict[str, Any]:  # type: ignore[override]
+        return self.load(plan)
+
+    def __len__(self) -> int:
+        return len(self.cache)

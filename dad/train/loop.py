@@ -1,0 +1,380 @@
+"""Stage 2: train a student from cached teacher targets (cross-context distillation).
+
+Shaped like torchtitan: ``train(config)`` sets things up and runs a short loop around
+``train_step``; every stateful piece has ``state_dict``/``load_state_dict``; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dad.errors import ConfigError, DadError
+from dad.infer import autocast_for, normalize, resolve_device
+from dad.models import DepthAnythingV2, build_depth_model, load_depth_model, resolve_arch, save_depth_model
+from dad.train.config import TrainConfig
+from dad.train.losses import (
+    FeatureProjection,
+    distill_loss,
+    feature_loss,
+    gradient_loss,
+    local_global_loss,
+)
+
+STATE_FILE = "train_state.pt"
+TERMS = ("loss_sc", "loss_lg", "loss_feat", "loss_grad")
+
+
+class DistillModule(nn.Module):
+    """The student plus the trainable feature projection (the projection is not exported)."""
+
+    def __init__(self, student: DepthAnythingV2, feature_dim: int | None) -> None:
+        super().__init__()
+        self.student = student
+        self.projection = FeatureProjection(student.config.embed_dim, feature_dim) if feature_dim else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        depth, tokens = self.student(x, return_features=True)
+        return depth, (self.projection(tokens) if self.projection is not None else None)
+
+
+def compute_losses(depth: torch.Tensor, tokens: torch.Tensor | None, batch: dict[str, Any], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Every loss term of SPEC 4 and the weighted total, in float32."""
+    depth = depth.float()
+    dt = batch["depth_region"]
+    mode, k = cfg.normalization, cfg.num_segments
+    zero = depth.sum() * 0.0
+    terms = {"loss_sc": distill_loss(depth, dt, mode=mode, num_segments=k)}
+    terms["loss_lg"] = (
+        local_global_loss(depth, batch["depth_patches"], batch["patch_boxes"], batch["region_side"], mode=mode, num_segments=k)
+        if cfg.lambda_lg > 0 else zero
+    )
+    terms["loss_feat"] = (
+        feature_loss(tokens.float(), batch["features"], alpha=cfg.feature_alpha)
+        if cfg.lambda_feat > 0 else zero
+    )
+    terms["loss_grad"] = gradient_loss(depth, dt) if cfg.lambda_grad > 0 else zero
+    terms["total"] = (
+        terms["loss_sc"] + cfg.lambda_lg * terms["loss_lg"] + cfg.lambda_feat * terms["loss_feat"]
+        + cfg.lambda_grad * terms["loss_grad"]
+    )
+    return terms
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to the base rate, then linear decay to 0 at the last step."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def build_optimizer(module: DistillModule, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; the encoder at ``encoder_lr_mult`` x lr; no weight decay on biases, norms, tokens."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_encoder = name.startswith("student.pretrained.")
+        no_decay = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        groups.setdefault((is_encoder, no_decay), []).append(p)
+    param_groups = [
+        {"params": ps, "lr": cfg.lr * (cfg.encoder_lr_mult if enc else 1.0), "weight_decay": 0.0 if nd else cfg.weight_decay}
+        for (enc, nd), ps in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+# --------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: DDP over nccl on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+# --------------------------------------------------------------------------------------------
+# logging
+
+
+class RunLogger:
+    """Console lines mirrored to train.log; one JSON object per log step in metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.out_dir = out_dir
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.log = open(out_dir / "train.log", "a", buffering=1)
+            self.metrics = open(out_dir / "metrics.jsonl", "a", buffering=1)
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
+            print(line, flush=True)
+            self.log.write(line + "\n")
+
+    def metric(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self.metrics.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.log.close()
+            self.metrics.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the step
+
+
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
+               cfg: TrainConfig, device: torch.device) -> tuple[dict[str, float], bool]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns the mean terms and whether
+    the update was applied (False: a non-finite loss, the step is skipped)."""
+    optimizer.zero_grad(set_to_none=True)
+    sums = {k: 0.0 for k in (*TERMS, "total")}
+    finite = True
+    for i, batch in enumerate(micro_batches):
+        batch = move_batch(batch, device)
+        x = normalize(batch["rgb"])
+        sync = i == len(micro_batches) - 1 or not isinstance(module, nn.parallel.DistributedDataParallel)
+        ctx = module.no_sync() if not sync else _null()
+        with ctx:
+            with autocast_for(device, cfg.precision):
+                depth, tokens = module(x)
+            terms = compute_losses(depth, tokens, batch, cfg)
+            loss = terms["total"] / len(micro_batches)
+            if not torch.isfinite(loss):
+                finite = False
+            loss.backward()
+        for k in sums:
+            sums[k] += float(terms[k].detach()) / len(micro_batches)
+    if dist.is_initialized():  # every rank must agree to skip
+        flag = torch.tensor([1.0 if finite else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item() > 0)
+    if finite:
+        if cfg.max_grad_norm > 0:
+            gn = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            finite = bool(torch.isfinite(gn))
+        if finite:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, finite
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# state
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def load_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_training_state(out_dir: Path, step: int, module: DistillModule, optimizer, scheduler, extra: dict[str, Any]) -> None:
+    """train_state.pt: optimizer, scheduler, step, RNG, projection; the student weights are in
+    the step's safetensors checkpoint it names. Written atomically, after that checkpoint."""
+    state = {
+        "step": step,
+        "checkpoint": f"student_checkpoint_{step}.safetensors",
+        "projection": module.projection.state_dict() if module.projection is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        **extra,
+    }
+    tmp = out_dir / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / STATE_FILE)
+
+
+def _feature_dim(cache) -> int | None:
+    cfg = cache.config
+    return int(cfg["feature_dim"]) if cfg.get("features") else None
+
+
+def _init_student(cfg: TrainConfig) -> DepthAnythingV2:
+    torch.manual_seed(cfg.seed)
+    student = build_depth_model(cfg.student_arch)
+    if cfg.student_init:
+        init = load_depth_model(cfg.student_init, arch=None)
+        if init.config.to_dict() | {"name": ""} != student.config.to_dict() | {"name": ""}:
+            raise ConfigError(
+                f"--student-init {cfg.student_init}: its architecture ({init.config.name}) differs from --student-arch {cfg.student_arch}"
+            )
+        state = init.state_dict()
+        if cfg.init_encoder_only:
+            state = {k: v for k, v in state.items() if k.startswith("pretrained.")}
+        student.load_state_dict(state, strict=not cfg.init_encoder_only)
+    return student
+
+
+def total_steps_for(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    return cfg.num_epochs * steps_per_epoch if cfg.num_epochs else cfg.num_iterations
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a distillation; returns a summary. Works alone or under torchrun."""
+    from dad.train.sources import make_batch_source
+
+    info, device = init_distributed(cfg.device)
+    out_dir = Path(cfg.output_dir)
+    logger = RunLogger(out_dir, info.is_main)
+    try:
+        return _train(cfg, info, device, out_dir, logger, make_batch_source)
+    finally:
+        logger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, Any]:
+    state = None
+    if cfg.resume and (out_dir / STATE_FILE).exists():
+        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    elif cfg.resume:
+        logger.info(f"--resume: no {STATE_FILE} in {out_dir}; starting from step 0")
+    elif info.is_main and (out_dir / STATE_FILE).exists():
+        raise ConfigError(f"--output-dir {out_dir} holds a training run; add --resume to continue it or pick a new directory")
+    start_step = int(state["step"]) if state else 0
+
+    source = make_batch_source(cfg, info, device, start_step)
+    total_steps = total_steps_for(cfg, source.steps_per_epoch)
+    source.set_total_steps(total_steps)
+    feature_dim = source.feature_dim if cfg.lambda_feat > 0 else None
+    if cfg.lambda_feat > 0 and feature_dim is None:
+        raise ConfigError("--lambda-feat > 0 needs teacher features, but the cache was made with --no-features; pass --lambda-feat 0")
+
+    student = _init_student(cfg)
+    if state:
+        student = load_depth_model(out_dir / state["checkpoint"], device="cpu")
+    module = DistillModule(student, feature_dim).to(device)
+    if state and module.projection is not None:
+        module.projection.load_state_dict(state["projection"])
+    module.train()
+    optimizer = build_optimizer(module, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        load_rng_state(state["rng"])
+    ddp_module: nn.Module = module
+    if info.world_size > 1:
+        ddp_module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    validator = None
+    if cfg.val and info.is_main:
+        from dad.eval.evaluate import Validator
+
+        validator = [Validator(spec, input_size=cfg.val_input_size) for spec in cfg.val]
+
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(cfg.to_json() + "\n")
+        logger.info(
+            f"training {student.config.name} student for {total_steps} steps ({source.describe()}), "
+            f"world size {info.world_size}, device {device}, start step {start_step}"
+        )
+    nonfinite_run = 0
+    step = start_step
+    window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+    batches = iter(source)
+    while step < total_steps:
+        t_wait = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        window["wait"] += time.perf_counter() - t_wait
+        teacher = micro[0]["teacher"]
+        terms, applied = train_step(ddp_module, optimizer, micro, cfg, device)
+        scheduler.step()
+        step += 1
+        window["samples"] += cfg.batch_size * cfg.grad_accum * info.world_size
+        if not applied:
+            nonfinite_run += 1
+            logger.info(f"step {step}: non-finite loss ({terms['total']}), update skipped ({nonfinite_run} in a row)")
+            if nonfinite_run >= cfg.max_nonfinite_steps:
+                raise DadError(
+                    f"{nonfinite_run} non-finite steps in a row at step {step}: lower --lr, use --precision fp32, "
+                    f"or check the cache with `dad cache-verify`"
+                )
+        else:
+            nonfinite_run = 0
+        if step % cfg.log_interval == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window["t0"]
+            record = {
+                "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[-1],
+                "teacher": teacher, "samples_per_s": round(window["samples"] / max(elapsed, 1e-9), 3),
+                "data_wait_frac": round(window["wait"] / max(elapsed, 1e-9), 4), "skipped": not applied,
+            }
+            logger.metric(record)
+            logger.info(
+                f"step {step}/{total_steps} total {terms['total']:.4f} sc {terms['loss_sc']:.4f} lg {terms['loss_lg']:.4f} "
+                f"feat {terms['loss_feat']:.4f} grad {terms['loss_grad']:.4f} lr {record['lr']:.2e} teacher {teacher} "
+                f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait_frac']:.1f}%"
+            )
+            window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+        if validator and (step % cfg.val_interval == 0 or step == total_steps):
+            for v in validator:
+                result = v.run(module.student)
+                logger.metric({"step": step, "val": v.name, **result})
+                logger.info(f"step {step} val {v.name}: " + " ".join(f"{k} {x:.4f}" for k, x in result.items()))
+        if step % cfg.checkpoint_interval == 0 or step == total_steps:
+            if info.is_main:
+                extra = {"step": step, "train_config": cfg.to_dict()}
+                save_depth_model(module.student, out_dir / f"student_checkpoint_{step}.safetensors", extra=extra)
+                save_training_state(out_dir, step, module, optimizer, scheduler, {"config": cfg.to_dict()})
+            if dist.is_initialized():
+                dist.barrier()
+    final = out_dir / "student_final.safetensors"
+    if info.is_main:
+        save_depth_model(module.student, final, extra={"step": step, "train_config": cfg.to_dict()})
+        logger.info(f"done: {final}")
+    return {"steps": step, "final": str(final), "output_dir": str(out_dir)}

@@ -1,0 +1,67 @@
+"""Where training batches come from: the cache (the normal path) or live teachers (--online).
+
+Both yield the same micro-batch dicts (see ``dad.train.data.augment_sample``), so the loss code
+cannot tell them apart, which is what lets the online baseline prove the cache changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from dad.train.config import TrainConfig
+from dad.train.data import CachedDistillDataset, StepSampler
+
+
+def _passthrough(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class CachedBatchSource:
+    """Micro-batches read from one or more caches through a DataLoader whose workers each open
+    the cache themselves (forkserver: zarr handles are not fork-safe once used)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, start_step: int) -> None:
+        from dad.cache import open_caches
+
+        cache = open_caches(cfg.cache)
+        self.cfg, self.cache = cfg, cache
+        self.teachers = list(cache.teachers)
+        header = cache.config
+        self.feature_dim = int(header["feature_dim"]) if header.get("features") else None
+        self.sampler = StepSampler(len(cache), cfg.batch_size, cfg.grad_accum, self.teachers, cfg.teacher_probs,
+                                   cfg.seed, rank, world_size, start_step=start_step)
+        want_features = cfg.lambda_feat > 0 and self.feature_dim is not None
+        self.dataset = CachedDistillDataset(cfg.cache, cfg.seed, cfg.flip_prob, cfg.color_jitter, want_features)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def set_total_steps(self, total: int) -> None:
+        self.sampler.total_steps = total
+
+    def describe(self) -> str:
+        return f"{len(self.cache)} cached samples, teachers {', '.join(self.teachers)}"
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.cfg.num_workers == 0:
+            for plan in self.sampler:
+                yield self.dataset.load(plan)
+            return
+        loader = DataLoader(
+            self.dataset, batch_size=None, sampler=self.sampler, num_workers=self.cfg.num_workers,
+            collate_fn=_passthrough, pin_memory=torch.cuda.is_available(), prefetch_factor=4,
+            persistent_workers=False, multiprocessing_context="forkserver",
+        )
+        yield from loader
+
+
+def make_batch_source(cfg: TrainConfig, info, device: torch.device, start_step: int):
+    if cfg.online:
+        from dad.train.online import OnlineBatchSource
+
+        return OnlineBatchSource(cfg, info.rank, info.world_size, start_step, device)
+    return CachedBatchSource(cfg, info.rank, info.world_size, start_step)
