@@ -644,7 +644,7 @@ def depth_to_png16(depth: np.ndarray) -> np.ndarray:
 def _save_atomic(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=3)  # ~half the encode time of the default, ~13% larger
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
