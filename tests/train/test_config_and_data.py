@@ -1,0 +1,114 @@
+"""Training configuration and the step-seeded data path (no cache needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dad.cache.schema import CacheSample
+from dad.errors import ConfigError, DataError
+from dad.train.config import TrainConfig, build_config, parse_teacher_probs, read_config_file
+from dad.train.data import StepSampler, augment_sample, teacher_for_step
+
+
+def _base(**kw):
+    return {"cache": ["c"], "output_dir": "o", "student_arch": "vits", **kw}
+
+
+def test_defaults_follow_the_seed_guide():
+    cfg = build_config({}, _base())
+    assert (cfg.batch_size, cfg.lr, cfg.num_iterations, cfg.normalization, cfg.num_segments) == (4, 5e-5, 20000, "hybrid", 4)
+    assert (cfg.lambda_lg, cfg.lambda_feat, cfg.lambda_grad, cfg.encoder_lr_mult) == (0.5, 1.0, 2.0, 0.1)
+    assert (cfg.checkpoint_interval, cfg.log_interval, cfg.weight_decay, cfg.max_grad_norm) == (1000, 50, 0.01, 1.0)
+
+
+@pytest.mark.parametrize("kw,flag", [({"num_segments": 3}, "--num-segments"), ({"batch_size": 0}, "--batch-size"),
+                                     ({"normalization": "median"}, "--normalization"), ({"lr": -1.0}, "--lr"),
+                                     ({"student_arch": ""}, "--student-arch"), ({"init_encoder_only": True}, "--init-encoder-only")])
+def test_invalid_values_name_the_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        build_config({}, _base(**kw))
+
+
+def test_config_file_then_flags_override(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nbatch-size = 8\nlr = 1e-4\nteacher_probs = "a=0.7,b=0.3"\ncache = "x"\n')
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("batch_size: 8\nlr: 0.0001\n")
+    for path in (toml, yaml):
+        cfg = build_config(read_config_file(path), {"output_dir": "o", "student_arch": "vits", "lr": 3e-4, "cache": ["c"]})
+        assert cfg.batch_size == 8 and cfg.lr == 3e-4 and cfg.cache == ["c"]
+    assert build_config(read_config_file(toml), {"output_dir": "o", "student_arch": "vits"}).teacher_probs == {"a": 0.7, "b": 0.3}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("bogus_option = 1\n")
+    with pytest.raises(ConfigError, match="bogus-option"):
+        build_config(read_config_file(bad), _base())
+
+
+def test_teacher_probs_parsing_and_draws():
+    assert parse_teacher_probs("large=0.7, base=0.3") == {"large": 0.7, "base": 0.3}
+    with pytest.raises(ConfigError, match="--teacher-probs"):
+        parse_teacher_probs("large:0.7")
+    draws = [teacher_for_step(0, s, ["large", "base"], {"large": 0.7, "base": 0.3}) for s in range(4000)]
+    frac = draws.count("large") / len(draws)
+    assert 0.67 < frac < 0.73
+    assert draws == [teacher_for_step(0, s, ["large", "base"], {"large": 0.7, "base": 0.3}) for s in range(4000)]
+    assert {teacher_for_step(0, s, ["a", "b"], {"a": 1.0}) for s in range(100)} == {"a"}
+    with pytest.raises(ConfigError, match="teacher-probs"):
+        teacher_for_step(0, 0, ["a"], {"z": 1.0})
+
+
+def test_sampler_is_disjoint_across_ranks_and_resumable():
+    kw = dict(num_samples=37, batch_size=4, grad_accum=2, teachers=["a", "b"], teacher_probs={}, seed=3, total_steps=9)
+    r0 = list(StepSampler(rank=0, world_size=2, **kw))
+    r1 = list(StepSampler(rank=1, world_size=2, **kw))
+    for p0, p1 in zip(r0, r1):
+        assert not set(p0.indices) & set(p1.indices)
+        assert p0.teacher == p1.teacher and p0.step == p1.step
+    assert len(r0) == 9 * 2
+    # an epoch (2 steps of 2 micro-batches of 4 on 18 samples per rank) never repeats a sample
+    epoch = [i for p in r0 if p.step < 2 for i in p.indices]
+    assert len(epoch) == len(set(epoch)) == 16
+    resumed = list(StepSampler(rank=0, world_size=2, start_step=5, **kw))
+    assert resumed == [p for p in r0 if p.step >= 5]
+
+
+def test_sampler_too_small_cache_is_an_error():
+    with pytest.raises(DataError, match="--batch-size"):
+        StepSampler(3, 4, 1, ["a"], {}, 0)
+
+
+def _sample() -> CacheSample:
+    rng = np.random.default_rng(0)
+    S, L = 28, 14
+    return CacheSample(
+        key="k#r0", image_key="k", region_index=0, image_size=(40, 50),
+        region_box=np.array([5, 2, 35, 32], np.float32), patch_boxes=np.array([[0, 0, 14, 14], [16, 16, 30, 30]], np.float32),
+        rgb_region=rng.integers(0, 255, (S, S, 3), dtype=np.uint8), rgb_patches=rng.integers(0, 255, (2, L, L, 3), dtype=np.uint8),
+        depth_region={"t": rng.random((S, S), dtype=np.float32)}, depth_patches={"t": rng.random((2, L, L), dtype=np.float32)},
+        features={"t": rng.random((2, 2, 8)).astype(np.float16)},
+    )
+
+
+def test_flip_moves_inputs_targets_and_boxes_together():
+    s = _sample()
+    flipped = augment_sample(s, "t", np.random.default_rng(0), flip_prob=1.0, color_jitter=0.0, want_features=True)
+    plain = augment_sample(s, "t", np.random.default_rng(0), flip_prob=0.0, color_jitter=0.0, want_features=True)
+    assert np.allclose(flipped["rgb"].numpy(), plain["rgb"].numpy()[:, :, ::-1])
+    assert np.allclose(flipped["depth_region"].numpy(), plain["depth_region"].numpy()[:, ::-1])
+    assert np.allclose(flipped["depth_patches"].numpy(), plain["depth_patches"].numpy()[:, :, ::-1])
+    # region side 30: a box [0, 14] mirrors to [16, 30]
+    assert flipped["patch_boxes"].numpy().tolist() == [[16, 0, 30, 14], [0, 16, 14, 30]]
+    f = flipped["features"].numpy().reshape(2, 2, 8)
+    assert np.allclose(f, plain["features"].numpy().reshape(2, 2, 8)[:, ::-1])
+
+
+def test_jitter_changes_only_the_student_input():
+    s = _sample()
+    a = augment_sample(s, "t", np.random.default_rng(1), flip_prob=0.0, color_jitter=0.4, want_features=False)
+    b = augment_sample(s, "t", np.random.default_rng(1), flip_prob=0.0, color_jitter=0.0, want_features=False)
+    assert not np.allclose(a["rgb"].numpy(), b["rgb"].numpy())
+    assert np.array_equal(a["depth_region"].numpy(), b["depth_region"].numpy())
+    assert "features" not in a
+    with pytest.raises(DataError, match="teacher 'u'"):
+        augment_sample(s, "u", np.random.default_rng(1), 0.0, 0.0, False)
