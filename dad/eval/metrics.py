@@ -72,16 +72,18 @@ def depth_metrics(pred_depth: np.ndarray, gt_depth: np.ndarray) -> dict[str, flo
     gt = np.asarray(gt_depth, dtype=np.float64)
     if pred.size == 0:
         raise ValueError("no valid pixels to score")
+    ratio = pred / gt  # one division and one log serve AbsRel, the deltas and log10
+    rel_err = ratio - 1.0
     diff = pred - gt
-    ratio = np.maximum(pred / gt, gt / pred)
+    worst = np.maximum(ratio, gt / pred)  # as defined, not 1/ratio, so exact ties stay ties
     return {
-        "abs_rel": float(np.mean(np.abs(diff) / gt)),
-        "delta1": float(np.mean(ratio < 1.25)),
-        "delta2": float(np.mean(ratio < 1.25**2)),
-        "delta3": float(np.mean(ratio < 1.25**3)),
-        "rmse": float(np.sqrt(np.mean(diff * diff))),
-        "log10": float(np.mean(np.abs(np.log10(pred) - np.log10(gt)))),
-        "sq_rel": float(np.mean(diff * diff / gt)),
+        "abs_rel": float(np.mean(np.abs(rel_err))),
+        "delta1": float(np.count_nonzero(worst < 1.25) / worst.size),
+        "delta2": float(np.count_nonzero(worst < 1.25**2) / worst.size),
+        "delta3": float(np.count_nonzero(worst < 1.25**3) / worst.size),
+        "rmse": float(np.sqrt(np.dot(diff, diff) / diff.size)),
+        "log10": float(np.mean(np.abs(np.log10(ratio)))),
+        "sq_rel": float(np.dot(diff, rel_err) / diff.size),  # (d - d*)^2 / d*
     }
 
 
