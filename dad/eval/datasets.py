@@ -397,10 +397,12 @@ class NYUv2MatDataset(EvalDataset):
     """``nyu_depth_v2_labeled.mat`` with the official 654-image test split."""
 
     kind = "nyuv2"
-    depth_keys = ("rawDepths", "depths")
 
-    def __init__(self, root, split=None, min_depth=None, max_depth=None) -> None:
+    def __init__(self, root, split=None, min_depth=None, max_depth=None, depth_key: str | None = None) -> None:
+        """``depth_key`` None reads ``rawDepths`` (as the reference protocol's extracted depth_ID.png),
+        falling back to ``depths`` (the colour-guided in-painted maps); pass "depths" to choose them."""
         super().__init__(root, split, min_depth, max_depth)
+        self.depth_keys = ("rawDepths", "depths") if depth_key is None else (depth_key,)
         self._need_root(is_file=True)
         h5py = _import_h5py(self.root)
         try:
@@ -409,7 +411,8 @@ class NYUv2MatDataset(EvalDataset):
                     raise DataError(f"{self.root}: no 'images' dataset; expected the labeled NYUv2 .mat (MATLAB v7.3)")
                 self.depth_key = next((k for k in self.depth_keys if k in f), None)
                 if self.depth_key is None:
-                    raise DataError(f"{self.root}: no 'rawDepths' or 'depths' dataset; expected the labeled NYUv2 .mat")
+                    wanted = " or ".join(repr(k) for k in self.depth_keys)
+                    raise DataError(f"{self.root}: no {wanted} dataset; expected the labeled NYUv2 .mat")
                 images, depths = f["images"], f[self.depth_key]
                 if images.ndim != 4 or images.shape[1] != 3 or depths.ndim != 3 or images.shape[0] != depths.shape[0] \
                         or images.shape[2:] != depths.shape[1:]:

@@ -195,6 +195,8 @@ def test_nyu_mat_layout_split_and_eigen_crop(nyu_mat, tmp_path):
     assert [s.name for s in open_eval_dataset(beside)] == ["rgb_0001", "rgb_0003", "rgb_0005"]
     # a folder holding the labeled file works too
     assert len(open_eval_dataset(f"nyu:{tmp_path}")) == 3
+    filled = NYUv2MatDataset(beside, depth_key="depths")
+    assert next(iter(filled)).depth[300, 300] == pytest.approx(1.25)
 
 
 def test_nyu_mat_text_splits(nyu_mat, tmp_path):
