@@ -178,5 +178,36 @@ def synth(out, num, size, seed):
     click.echo(f"wrote {len(paths)} scenes to {out}")
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Model checkpoint (any accepted format).")
+@click.option("--arch", "--arch-name", "--arch_name", "arch", default=None, help="Architecture if not in the checkpoint.")
+@click.option("--dataset", "datasets", multiple=True, required=True,
+              help="nyuv2:PATH, kitti:ROOT, eth3d:ROOT, scannet:ROOT, diode:ROOT, or a generic folder (repeatable).")
+@click.option("--split", default=None, type=click.Path(), help="Split file (one dataset only).")
+@click.option("--input-size", "--input_size", "input_size", default=518, show_default=True, type=int)
+@click.option("--output", default=None, type=click.Path(), help="Write results JSON here (and a markdown table beside it).")
+@click.option("--save-predictions", "save_predictions", default=None, type=click.Path(),
+              help="Write each raw prediction (before alignment, at GT resolution) as DIR/<stem>.npy.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--limit", default=None, type=int, help="Only the first N images of each dataset.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True)
+@click.option("--depth-range", "depth_range", nargs=2, type=float, default=None, help="MIN MAX metres for generic folders.")
+@handle_errors
+def evaluate(checkpoint, arch, datasets, split, input_size, output, save_predictions, device, limit, precision, depth_range):
+    """Zero-shot AbsRel / delta1 with the standard affine-invariant protocol."""
+    from dad.eval.evaluate import format_markdown_table, run_eval
+
+    results = run_eval(checkpoint, list(datasets), arch=arch, split=split, input_size=input_size, output=output,
+                       save_predictions=save_predictions, device=device, limit=limit, precision=precision,
+                       depth_range=tuple(depth_range) if depth_range else None)
+    click.echo(format_markdown_table(results))
+    if output:
+        click.echo(f"wrote {output}")
+
+
 if __name__ == "__main__":
     main()
