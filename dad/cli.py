@@ -4,6 +4,7 @@ this is the only place where library exceptions become exit codes."""
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import click
@@ -207,6 +208,87 @@ def evaluate(checkpoint, arch, datasets, split, input_size, output, save_predict
     click.echo(format_markdown_table(results))
     if output:
         click.echo(f"wrote {output}")
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1
+
+
+def _patches(ctx, param, value):
+    try:
+        a, b = (int(v) for v in value.lower().split("x"))
+        if a < 1 or b < 1:
+            raise ValueError
+        return f"{a}x{b}"
+    except ValueError:
+        raise click.BadParameter("write AxB, e.g. 2x2") from None
+
+
+@main.command("cache-teachers")
+@click.option("--images", required=True, help="Image folder (recursive), a text file listing paths, or tar shards (glob/braces).")
+@click.option("--teacher", "teachers", multiple=True, required=True, help="[NAME=]CKPT, repeatable; architecture as in `dad infer`.")
+@click.option("--output", required=True, type=click.Path(), help="Cache directory (created, or resumed if it exists).")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "webdataset"]), default="zarr", show_default=True)
+@click.option("--global-crop-size", "--global_crop_size", "global_crop_size", default=560, show_default=True, type=int,
+              help="Region view size (multiple of 14).")
+@click.option("--local-crop-size", "--local_crop_size", "local_crop_size", default=560, show_default=True, type=int,
+              help="Patch size (multiple of 14).")
+@click.option("--min-region", "--min_local_crop", "--min-local-crop", "min_region", default=644, show_default=True, type=int,
+              help="Smallest region side in original pixels.")
+@click.option("--regions-per-image", "--regions_per_image", "regions_per_image", default=1, show_default=True, type=int)
+@click.option("--patches", default="2x2", show_default=True, callback=_patches, help="Patch grid over each region.")
+@click.option("--features/--no-features", default=True, show_default=True, help="Cache reduced teacher features.")
+@click.option("--feature-dim", "--feature_dim", "feature_dim", default=64, show_default=True, type=int)
+@click.option("--rgb-codec", "--rgb_codec", "rgb_codec", default="png", show_default=True, help="png (lossless) or jpegQQ, e.g. jpeg95.")
+@click.option("--shard-size", "--shard_size", "shard_size", default=None, type=int, help="Images per shard.")
+@click.option("--num-shards", "--num_shards", "num_shards", default=None, type=int,
+              help="Split the work into K parts (default: SLURM array / torchrun world size / 1).")
+@click.option("--shard-index", "--shard_index", "shard_index", default=None, type=int, help="Which part this job does (0-based).")
+@click.option("--batch-size", "--batch_size", "batch_size", default=4, show_default=True, type=int, help="Images per teacher batch.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--grid-seed", "--grid_seed", "grid_seed", default=0, show_default=True, type=int, help="Seed of the crop grid.")
+@click.option("--num-workers", "--num_workers", "num_workers", default=2, show_default=True, type=int, help="Decode/encode workers.")
+@handle_errors
+def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,
+                       patches, features, feature_dim, rgb_codec, shard_size, num_shards, shard_index, batch_size, device,
+                       grid_seed, num_workers):
+    """Stage 1: run the teachers once over the crop grid of every image and cache their outputs."""
+    from dad.pipeline.cache_teachers import cache_teachers
+
+    summary = cache_teachers(
+        images=images, teachers=list(teachers), output=output, fmt=fmt, global_crop_size=global_crop_size,
+        local_crop_size=local_crop_size, min_region=min_region, regions_per_image=regions_per_image, patches=patches,
+        features=features, feature_dim=feature_dim, rgb_codec=rgb_codec, shard_size=shard_size, num_shards=num_shards,
+        shard_index=shard_index, batch_size=batch_size, device=device, grid_seed=grid_seed, num_workers=num_workers,
+    )
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command("cache-info")
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@handle_errors
+def cache_info_cmd(cache, as_json):
+    """Counts, teachers, configuration, bytes per depth pixel and per feature value, skipped inputs."""
+    from dad.cache import cache_info, format_cache_info
+
+    info = cache_info(cache)
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else format_cache_info(info))
+
+
+@main.command("cache-verify")
+@click.argument("cache", type=click.Path())
+@handle_errors
+def cache_verify_cmd(cache):
+    """Re-check every shard's checksum and decode every sample; non-zero exit naming each bad shard."""
+    from dad.cache import verify_cache
+
+    problems = verify_cache(cache)
+    if problems:
+        for p in problems:
+            click.echo(f"bad: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"{cache}: ok")
 
 
 if __name__ == "__main__":
