@@ -291,5 +291,23 @@ def cache_verify_cmd(cache):
     click.echo(f"{cache}: ok")
 
 
+# ---------------------------------------------------------------------------------------------
+# the whole job
+
+
+@main.command()
+@click.option("--workdir", default="dad-quickstart", show_default=True, type=click.Path(), help="Where everything is written.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--fresh", is_flag=True, help="Delete WORKDIR first.")
+@handle_errors
+def quickstart(workdir, device, fresh):
+    """The full pipeline on synthetic scenes and the bundled teacher: report.md with numbers and figures."""
+    from dad.quickstart import run_quickstart
+
+    summary = run_quickstart(workdir, device=device, fresh=fresh)
+    for name, m in summary["metrics"].items():
+        click.echo(f"{name:<16} AbsRel {m['abs_rel']:.3f}  delta1 {m['delta1']:.3f}")
+
+
 if __name__ == "__main__":
     main()
