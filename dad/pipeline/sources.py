@@ -1,0 +1,187 @@
+"""Where stage 1's images come from: a folder, a list file, or webdataset tar shards.
+
+``open_source(SRC)`` lists every input once (sorted by key, cheap: no image is opened) and reads
+an input's bytes only when asked (``source.read(i)``), so each work shard reads just its own
+images. Keys are what the cache calls images:
+
+- a folder (recursive; .jpg .jpeg .png .webp .bmp .tif .tiff, any case; hidden files and folders,
+  names starting with '.', are left out): the path relative to SRC with '/' separators;
+- a text file listing paths, one a line (blank lines and lines starting with '#' ignored;
+  relative paths are relative to the list file's folder): the path as listed;
+- uncompressed webdataset tar shards, one .tar path or a glob / brace pattern such as
+  ``data-{000..009}.tar``: the member name (webdataset key + extension) of each image member;
+  members are read by offset, so no shard is scanned twice;
+- a single image file: its file name.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from dad.errors import DataError
+from dad.utils.images import IMAGE_EXTENSIONS
+
+_COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
+@dataclass(frozen=True)
+class _FileRef:
+    path: str
+
+
+@dataclass(frozen=True)
+class _TarRef:
+    tar: str
+    offset: int
+    size: int
+
+
+class ImageSource:
+    """Sorted keys plus a lazy reader; ``read`` raises DataError for a missing or unreadable input."""
+
+    def __init__(self, kind: str, description: str, entries: list[tuple[str, _FileRef | _TarRef]]) -> None:
+        entries = sorted(entries, key=lambda e: e[0])
+        for (a, ra), (b, rb) in zip(entries, entries[1:]):
+            if a == b:
+                raise DataError(f"{description}: the key {a!r} appears twice ({_where(ra)} and {_where(rb)}); keys must be unique")
+        if not entries:
+            raise DataError(f"{description}: no images found; expected {'/'.join(IMAGE_EXTENSIONS)} files "
+                            "in a folder, a text file listing image paths, or .tar shards (glob or {000..009} braces)")
+        self.kind, self.description = kind, description
+        self.keys = [k for k, _ in entries]
+        self._refs = [r for _, r in entries]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, index: int) -> bytes:
+        ref, key = self._refs[index], self.keys[index]
+        try:
+            if isinstance(ref, _FileRef):
+                with open(ref.path, "rb") as f:
+                    return f.read()
+            with open(ref.tar, "rb") as f:
+                f.seek(ref.offset)
+                data = f.read(ref.size)
+            if len(data) != ref.size:
+                raise DataError(f"{key}: {ref.tar} ends before this member ({len(data)} of {ref.size} bytes)")
+            return data
+        except FileNotFoundError:
+            raise DataError(f"{key}: file not found ({_where(ref)})") from None
+        except (IsADirectoryError, PermissionError, OSError) as e:
+            raise DataError(f"{key}: cannot read {_where(ref)} ({e})") from None
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        """(key, bytes) in key order; for small sources and tests (stage 1 reads by index)."""
+        for i, key in enumerate(self.keys):
+            yield key, self.read(i)
+
+
+def _where(ref: _FileRef | _TarRef) -> str:
+    return ref.path if isinstance(ref, _FileRef) else f"{ref.tar}@{ref.offset}"
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style braces: 'a-{000..002}.tar' -> a-000.tar a-001.tar a-002.tar (zero padding kept);
+    'x.{jpg,png}' -> x.jpg x.png; nested and repeated groups expand left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = rng.group(1), rng.group(2)
+        width = len(a) if a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0") else 0
+        step = 1 if int(b) >= int(a) else -1
+        items = [str(v).zfill(width) for v in range(int(a), int(b) + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        items = ["{" + body + "}"]  # not a brace expression; keep literally
+        return [head + items[0] + t for t in expand_braces(tail)]
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def _scan_folder(root: Path) -> list[tuple[str, _FileRef]]:
+    entries = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if name.startswith(".") or not _is_image_name(name):
+                continue
+            key = (rel / name).as_posix()
+            entries.append((key, _FileRef(os.path.join(dirpath, name))))
+    return entries
+
+
+def _read_list(list_file: Path) -> list[tuple[str, _FileRef]]:
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{list_file}: not a UTF-8 text file; --images takes a folder, a text file of paths, or .tar shards") from None
+    base = list_file.parent
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line)
+        entries.append((line, _FileRef(str(path if path.is_absolute() else base / path))))
+    return entries
+
+
+def _scan_tar(path: str) -> list[tuple[str, _TarRef]]:
+    if path.lower().endswith(_COMPRESSED_TAR):
+        raise DataError(f"{path}: compressed tar shards cannot be read by offset; decompress them to plain .tar first")
+    entries = []
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            for member in tf:  # headers only: tarfile seeks over the data of plain tars
+                if member.isfile() and _is_image_name(member.name):
+                    entries.append((member.name, _TarRef(path, member.offset_data, member.size)))
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"{path}: not a readable tar file ({e}); webdataset shards must be plain .tar files") from None
+    return entries
+
+
+def open_source(images: str | os.PathLike) -> ImageSource:
+    """Folder, list file, tar shard(s) (path, glob or braces) or single image -> ImageSource."""
+    text = str(images)
+    path = Path(text)
+    if path.is_dir():
+        return ImageSource("folder", text, _scan_folder(path))
+    if path.is_file():
+        low = text.lower()
+        if low.endswith(".tar") or low.endswith(_COMPRESSED_TAR):
+            return ImageSource("tar", text, _scan_tar(text))
+        if _is_image_name(text):
+            return ImageSource("file", text, [(path.name, _FileRef(text))])
+        return ImageSource("list", text, _read_list(path))
+    if any(ch in text for ch in "*?[{"):
+        matches = sorted({m for p in expand_braces(text) for m in (glob.glob(p) if any(c in p for c in "*?[") else [p])
+                          if os.path.isfile(m)})
+        if not matches:
+            raise DataError(f"--images {text}: the pattern matches no files; check the path and the braces/glob")
+        if all(m.lower().endswith(".tar") or m.lower().endswith(_COMPRESSED_TAR) for m in matches):
+            return ImageSource("tar", text, [e for m in matches for e in _scan_tar(m)])
+        if all(_is_image_name(m) for m in matches):
+            return ImageSource("files", text, [(m, _FileRef(m)) for m in matches])
+        raise DataError(f"--images {text}: the pattern matches a mix of files; give tar shards only or images only")
+    raise DataError(f"--images {text}: no such folder, file or pattern; give a folder, a text file listing images, or .tar shards")

@@ -1,0 +1,110 @@
+"""Image sources: a folder, a list file and tar shards list the same keys and bytes."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dad.errors import DataError
+from dad.pipeline.sources import expand_braces, open_source
+from tests.conftest import random_rgb
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(random_rgb(8, 9, seed)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tree(tmp_path) -> dict[str, bytes]:
+    """Files on disk under tmp_path/imgs: key -> bytes (plus non-images and hidden files)."""
+    files = {"b.png": _png(0), "a/c.JPG": b"not really a jpeg", "a/d/e.webp": _png(1), "z.tif": _png(2),
+             "a/f.jpeg": _png(3)}
+    root = tmp_path / "imgs"
+    for key, data in files.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    (root / "notes.txt").write_text("x")
+    (root / ".hidden.png").write_bytes(_png(9))
+    (root / ".cache").mkdir()
+    (root / ".cache" / "g.png").write_bytes(_png(9))
+    return files
+
+
+def test_folder_source_sorted_relative_keys(tmp_path, tree):
+    src = open_source(tmp_path / "imgs")
+    assert src.kind == "folder"
+    assert src.keys == sorted(tree)
+    assert dict(iter(src)) == tree
+
+
+def test_list_file_relative_and_absolute(tmp_path, tree):
+    listed = ["imgs/z.tif", str(tmp_path / "imgs" / "b.png"), "imgs/a/d/e.webp"]
+    lst = tmp_path / "list.txt"
+    lst.write_text("# training images\n" + "\n".join(listed) + "\n\n")
+    src = open_source(lst)
+    assert src.kind == "list"
+    assert src.keys == sorted(listed)
+    got = dict(iter(src))
+    assert got["imgs/z.tif"] == tree["z.tif"] and got[str(tmp_path / "imgs" / "b.png")] == tree["b.png"]
+
+
+def test_list_file_missing_entry_fails_only_when_read(tmp_path, tree):
+    lst = tmp_path / "list.txt"
+    lst.write_text("imgs/b.png\nimgs/missing.png\n")
+    src = open_source(lst)  # listing does not stat
+    assert len(src) == 2
+    with pytest.raises(DataError, match="imgs/missing.png.*not found"):
+        src.read(src.keys.index("imgs/missing.png"))
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_tar_shards_by_glob_and_braces_match_folder(tmp_path, tree):
+    keys = sorted(tree)
+    flat = {k.replace("/", "_"): v for k, v in tree.items()}  # webdataset keys have no folders here
+    names = sorted(flat)
+    _write_tar(tmp_path / "data-000.tar", {**{n: flat[n] for n in names[:2]}, "000.json": b"{}"})
+    _write_tar(tmp_path / "data-001.tar", {n: flat[n] for n in names[2:]})
+    for pattern in (str(tmp_path / "data-{000..001}.tar"), str(tmp_path / "data-*.tar")):
+        src = open_source(pattern)
+        assert src.kind == "tar"
+        assert src.keys == names
+        assert dict(iter(src)) == flat
+    single = open_source(tmp_path / "data-001.tar")
+    assert single.keys == names[2:]
+    assert len(keys) == len(names)
+
+
+def test_duplicate_tar_keys_and_empty_sources_are_errors(tmp_path):
+    _write_tar(tmp_path / "s-0.tar", {"k.png": _png(0)})
+    _write_tar(tmp_path / "s-1.tar", {"k.png": _png(1)})
+    with pytest.raises(DataError, match="appears twice"):
+        open_source(str(tmp_path / "s-*.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        open_source(tmp_path / "empty")
+    with pytest.raises(DataError, match="no such"):
+        open_source(tmp_path / "nope")
+    with pytest.raises(DataError, match="matches no files"):
+        open_source(str(tmp_path / "x-{0..3}.tar"))
+    (tmp_path / "c.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="decompress"):
+        open_source(tmp_path / "c.tar.gz")
+
+
+def test_expand_braces():
+    assert expand_braces("d-{000..002}.tar") == ["d-000.tar", "d-001.tar", "d-002.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert expand_braces("plain") == ["plain"]
