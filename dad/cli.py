@@ -138,6 +138,13 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--online", is_flag=True, help="Baseline: run the teachers live instead of reading a cache.")
 @click.option("--teacher", "teachers", multiple=True, help="--online: teacher [NAME=]CKPT (repeatable).")
 @click.option("--images", help="--online: image source, as for cache-teachers.")
+@click.option("--global-crop-size", "--global_crop_size", "global_crop_size", type=int, help="--online: region view size [560].")
+@click.option("--local-crop-size", "--local_crop_size", "local_crop_size", type=int, help="--online: patch size [560].")
+@click.option("--min-region", "--min_local_crop", "min_region", type=int, help="--online: smallest region side [644].")
+@click.option("--regions-per-image", "--regions_per_image", "regions_per_image", type=int, help="--online: regions per image [1].")
+@click.option("--patches", help="--online: patch grid AxB [2x2].")
+@click.option("--feature-dim", "--feature_dim", "feature_dim", type=int, help="--online: reduced feature width [64].")
+@click.option("--grid-seed", "--grid_seed", "grid_seed", type=int, help="--online: crop grid seed [0].")
 @click.pass_context
 @handle_errors
 def train(ctx, config_file, **_):

@@ -65,7 +65,14 @@ class TrainConfig:
     online: bool = False
     teachers: list[str] = field(default_factory=list)
     images: str | None = None
-    online_grid: dict[str, Any] = field(default_factory=dict)
+    # the crop grid of --online (the same meaning as in `dad cache-teachers`)
+    global_crop_size: int = 560
+    local_crop_size: int = 560
+    min_region: int = 644
+    regions_per_image: int = 1
+    patches: str = "2x2"
+    feature_dim: int = 64
+    grid_seed: int = 0
 
     def validate(self) -> "TrainConfig":
         def bad(flag: str, why: str) -> None:

@@ -131,6 +131,19 @@ def augment_sample(sample: CacheSample, teacher: str, rng: np.random.Generator, 
     return out
 
 
+def make_batch(samples: Sequence[CacheSample], plan: BatchPlan, seed: int, flip_prob: float, color_jitter: float,
+               want_features: bool) -> dict[str, Any]:
+    """Augment and stack one micro-batch; slot i's randomness is keyed by (seed, step, micro, i),
+    so the cached and the online path produce the same batch from the same samples."""
+    items = []
+    for slot, sample in enumerate(samples):
+        rng = np.random.default_rng([seed, plan.step, plan.micro, slot, 0xA06])
+        items.append(augment_sample(sample, plan.teacher, rng, flip_prob, color_jitter, want_features))
+    batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    batch.update(teacher=plan.teacher, step=plan.step, micro=plan.micro)
+    return batch
+
+
 class CachedDistillDataset(Dataset):
     """Map-style dataset over ``BatchPlan``s: item = one whole micro-batch (so a worker decodes
     a batch at once and the teacher is known). The cache is opened lazily in each worker."""
@@ -154,16 +167,8 @@ class CachedDistillDataset(Dataset):
         return state
 
     def load(self, plan: BatchPlan) -> dict[str, Any]:
-        items = []
-        for slot, index in enumerate(plan.indices):
-            sample = self.cache.get(index, teachers=[plan.teacher], features=self.want_features)
-            rng = np.random.default_rng([self.seed, plan.step, plan.micro, slot, 0xA06])
-            items.append(augment_sample(sample, plan.teacher, rng, self.flip_prob, self.color_jitter, self.want_features))
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        batch["teacher"] = plan.teacher
-        batch["step"] = plan.step
-        batch["micro"] = plan.micro
-        return batch
+        samples = [self.cache.get(i, teachers=[plan.teacher], features=self.want_features) for i in plan.indices]
+        return make_batch(samples, plan, self.seed, self.flip_prob, self.color_jitter, self.want_features)
 
     def __getitem__(self, plan: BatchPlan) -> dict[str, Any]:  # type: ignore[override]
         return self.load(plan)
