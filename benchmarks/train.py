@@ -1,0 +1,91 @@
+"""Training throughput from the cache versus --online (teachers run live), side by side.
+
+    # on a GPU, the issue's setting: vitl teacher, vitb student, 560 px, 2x2 patches
+    python benchmarks/train.py --teacher-arch vitl --student-arch vitb --size 560 --batch-size 4 --steps 30
+    # CPU smoke run
+    python benchmarks/train.py --teacher-arch vits --student-arch vits --size 112 --local 84 --images 24 --steps 6
+
+Random-weight teachers are fine for speed. The script renders synthetic images, caches the
+teacher's outputs with `dad cache-teachers`, then runs the same `dad train` loop twice (cache,
+online) and prints steps/s and the fraction of step time spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher-arch", default="vitl")
+    ap.add_argument("--student-arch", default="vitb")
+    ap.add_argument("--size", type=int, default=560, help="region view size")
+    ap.add_argument("--local", type=int, default=None, help="patch size (default: --size)")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--num-workers", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    local = args.local or args.size
+
+    from dad.data.synthetic import render_scene
+    from dad.models import build_depth_model, save_depth_model
+    from dad.pipeline.cache_teachers import cache_teachers
+    from dad.train.config import TrainConfig
+    from dad.train.loop import train
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dad-bench-train-"))
+    images = work / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    side = int(max(args.size, local) * 1.3)
+    for i in range(args.images):
+        rgb, _ = render_scene(i, side, int(side * 4 / 3))
+        Image.fromarray(rgb).save(images / f"img_{i:04d}.png")
+    torch.manual_seed(0)
+    teacher = save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors")
+    grid = dict(global_crop_size=args.size, local_crop_size=local, min_region=max(args.size, local), regions_per_image=1,
+                patches="2x2", feature_dim=64, grid_seed=0)
+    cache = work / "cache"
+    if not cache.exists():
+        cache_teachers(images=str(images), teachers=[f"teacher={teacher}"], output=str(cache), device=args.device,
+                       batch_size=args.batch_size, **grid)
+
+    results = {}
+    for mode in ("cache", "online"):
+        out = work / f"run_{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        common = dict(output_dir=str(out), student_arch=args.student_arch, batch_size=args.batch_size,
+                      num_iterations=args.steps, log_interval=1, checkpoint_interval=10**9, device=args.device,
+                      num_workers=args.num_workers if mode == "cache" else 0, seed=0)
+        if mode == "cache":
+            cfg = TrainConfig(cache=[str(cache)], **common)
+        else:
+            cfg = TrainConfig(online=True, teachers=[f"teacher={teacher}"], images=str(images), **common, **grid)
+        train(cfg.validate())
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        warm = records[len(records) // 3 :] or records  # leave out start-up steps
+        sps = sum(r["samples_per_s"] for r in warm) / len(warm) / args.batch_size
+        wait = sum(r["data_wait_frac"] for r in warm) / len(warm)
+        results[mode] = (sps, wait)
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    print(f"\nteacher {args.teacher_arch}, student {args.student_arch}, {args.size}px views, {local}px 2x2 patches, "
+          f"batch {args.batch_size}, device {dev}")
+    print(f"{'source':<8} {'steps/s':>9} {'data wait':>10}")
+    for mode, (sps, wait) in results.items():
+        print(f"{mode:<8} {sps:>9.3f} {100 * wait:>9.1f}%")
+    print(f"cached / online = {results['cache'][0] / results['online'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
