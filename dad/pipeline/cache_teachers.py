@@ -1,0 +1,516 @@
+"""Stage 1, ``dad cache-teachers``: run every teacher once over the crop grid of every image and
+store the results, so stage 2 trains without a teacher.
+
+Work is cut into *work shards* of ``shard_size`` consecutive images of the sorted key list. A
+job does the shards k with ``k % num_parts == part_index``; the split comes from
+``num_shards``/``shard_index`` (the CLI's ``--num-shards K --shard-index I``: K parts of the work,
+this job doing part I), else a SLURM job array, else torchrun's WORLD_SIZE/RANK (LOCAL_RANK picks
+the GPU), else one part. Complete shards are skipped, so a re-run resumes a killed job and a
+re-run of a finished cache does no teacher work. After its shards each job calls
+``writer.finalize()``, which writes the manifest once every shard of every part is complete.
+
+Three stages overlap: a thread pool reads, decodes and crops images (and round-trips lossy RGB
+through the codec, so the teacher sees what the student will read) ahead of the teacher forwards
+in the main thread; a background thread consumes the samples through ``writer.write_shard``
+(encode, compress, write) behind them, fed by a bounded queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dad.cache.schema import FORMATS, CacheSample, SkippedInput, sample_key
+from dad.errors import ConfigError, DataError
+from dad.infer import resolve_device
+from dad.pipeline.features import PROJECTION_METHOD
+from dad.pipeline.grid import GRID_VERSION, RESAMPLING, check_grid_settings, extract_views, parse_patches, plan_regions
+from dad.pipeline.sources import ImageSource, open_source
+from dad.pipeline.teachers import Teacher, TeacherSpec, parse_teacher_specs
+from dad.utils.images import load_rgb
+from dad.utils.progress import Progress
+
+# Images per work shard. A shard is the unit of resumption and of atomic publication; at the
+# paper's sizes (560 px views, 2x2 patches) one image is a few MB per teacher, so 256 images are
+# ~1 GB: big enough to amortise the per-shard cost, small enough that a kill loses little.
+# Webdataset tar shards are streamed whole by readers, so they are kept nearer the usual
+# 0.5-1 GB per tar.
+DEFAULT_SHARD_SIZE = {"zarr": 256, "webdataset": 128}
+FEATURE_SEED = 0  # seed of the orthogonal feature projection (recorded in the header)
+LOSSLESS_CODECS = ("png",)
+
+
+# ---------------------------------------------------------------------------------------------
+# the work split
+
+
+@dataclass(frozen=True)
+class WorkSplit:
+    num_parts: int
+    part_index: int
+    source: str  # "flags", "slurm-array", "torchrun" or "single"
+    local_rank: int | None = None
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.num_parts == self.part_index
+
+
+def _env_int(env: dict[str, str], name: str, default: int | None = None) -> int | None:
+    value = env.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; unset it or pass --num-shards/--shard-index") from None
+
+
+def resolve_work_split(num_parts: int | None = None, part_index: int | None = None,
+                       environ: dict[str, str] | None = None) -> WorkSplit:
+    """Which part of the work this job does: flags, else SLURM array, else torchrun, else all."""
+    env = dict(os.environ if environ is None else environ)
+    local_rank = _env_int(env, "LOCAL_RANK")
+    if num_parts is not None or part_index is not None:
+        if num_parts is None or part_index is None:
+            raise ConfigError("--num-shards and --shard-index go together: K parts of the work and this job's part I in [0, K)")
+        if num_parts < 1 or not 0 <= part_index < num_parts:
+            raise ConfigError(f"--num-shards {num_parts} --shard-index {part_index}: need K >= 1 and 0 <= I < K")
+        return WorkSplit(num_parts, part_index, "flags", local_rank)
+    if env.get("SLURM_ARRAY_TASK_ID"):
+        task = _env_int(env, "SLURM_ARRAY_TASK_ID")
+        count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        lo = _env_int(env, "SLURM_ARRAY_TASK_MIN", 0)
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP", 1) or 1
+        if count is None:
+            raise ConfigError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; pass --num-shards K --shard-index I")
+        index = (task - lo) // step
+        if (task - lo) % step or not 0 <= index < count:
+            raise ConfigError(
+                f"SLURM array task {task} (min {lo}, step {step}, count {count}) is not one of a contiguous range; "
+                "use --array=0-(K-1) or pass --num-shards K --shard-index I"
+            )
+        return WorkSplit(count, index, "slurm-array", local_rank)
+    if env.get("WORLD_SIZE") and env.get("RANK"):
+        world, rank = _env_int(env, "WORLD_SIZE"), _env_int(env, "RANK")
+        if world < 1 or not 0 <= rank < world:
+            raise ConfigError(f"WORLD_SIZE={world} RANK={rank} from the launcher are inconsistent; pass --num-shards/--shard-index")
+        return WorkSplit(world, rank, "torchrun", local_rank)
+    return WorkSplit(1, 0, "single", local_rank)
+
+
+def _device_for(device: str, split: WorkSplit) -> torch.device:
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and split.local_rank is not None and split.source == "torchrun":
+        if split.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={split.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                              "start torchrun with --nproc-per-node <= the GPU count")
+        dev = torch.device("cuda", split.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------
+# the header
+
+
+def image_keys_sha256(keys: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def build_header(keys: Sequence[str], teachers: Sequence[Teacher], *, global_crop_size: int, local_crop_size: int,
+                 min_region: int, regions_per_image: int, patches: tuple[int, int], features: bool, feature_dim: int,
+                 rgb_codec: str, images_per_shard: int, grid_seed: int) -> dict[str, Any]:
+    """Everything that determines the cache's content; jobs of one cache must agree on all of it
+    (and nothing in it depends on how the work is split, the device or the batch size)."""
+    num_images = len(keys)
+    config = {
+        "global_crop_size": global_crop_size, "local_crop_size": local_crop_size, "min_region": min_region,
+        "regions_per_image": regions_per_image, "patches": f"{patches[0]}x{patches[1]}",
+        "grid_seed": grid_seed, "grid_version": GRID_VERSION, "resampling": RESAMPLING,
+        "features": features, "feature_dim": feature_dim if features else None,
+        "feature_projection": {"method": PROJECTION_METHOD, "seed": FEATURE_SEED} if features else None,
+        "rgb_codec": rgb_codec, "images_per_shard": images_per_shard,
+        "teacher_input": "RGB/255, ImageNet mean/std; bf16 autocast on CUDA, float32 elsewhere",
+    }
+    return {
+        "config": config,
+        "teachers": [t.info.to_dict() for t in teachers],
+        "num_shards": math.ceil(num_images / images_per_shard),
+        "images_per_shard": images_per_shard,
+        "num_images": num_images,
+        "regions_per_image": regions_per_image,
+        "num_patches": patches[0] * patches[1],
+        "global_crop_size": global_crop_size,
+        "local_crop_size": local_crop_size,
+        "features": features,
+        "feature_dim": feature_dim if features else None,
+        "rgb_codec": rgb_codec,
+        "image_keys_sha256": image_keys_sha256(keys),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# preparing images (worker threads)
+
+
+@dataclass
+class PreparedImage:
+    shard: int
+    index: int
+    key: str
+    image_size: tuple[int, int] = (0, 0)
+    plans: list = field(default_factory=list)
+    region_views: np.ndarray | None = None  # uint8 (R, S, S, 3)
+    patches: np.ndarray | None = None  # uint8 (R, P, L, L, 3)
+    skipped: SkippedInput | None = None
+
+
+def _round_trip(pixels: np.ndarray, codec: str) -> np.ndarray:
+    from dad.cache.codecs import decode_rgb, encode_rgb
+
+    return decode_rgb(encode_rgb(pixels, codec))
+
+
+def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int, min_region: int,
+                  global_crop_size: int, local_crop_size: int, regions_per_image: int, patches: tuple[int, int],
+                  rgb_codec: str) -> PreparedImage:
+    """Read, decode, plan and crop one image; a bad input comes back as ``skipped``."""
+    key = source.keys[index]
+    out = PreparedImage(shard, index, key)
+    try:
+        rgb = load_rgb(source.read(index), name=key)
+    except DataError as e:
+        # no object addresses in reasons: the same bad input gives the same record on every run
+        out.skipped = SkippedInput(key, re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", str(e)))
+        return out
+    except (Image.DecompressionBombError, MemoryError) as e:
+        out.skipped = SkippedInput(key, f"{key}: too large to decode ({e})")
+        return out
+    h, w = rgb.shape[:2]
+    out.image_size = (h, w)
+    out.plans = plan_regions(key, h, w, grid_seed, min_region, global_crop_size, local_crop_size,
+                             regions_per_image, patches)
+    pil = Image.fromarray(rgb)
+    views = [extract_views(pil, plan, global_crop_size, local_crop_size) for plan in out.plans]
+    region_views = np.stack([v for v, _ in views])
+    patch_views = np.stack([p for _, p in views])
+    if rgb_codec not in LOSSLESS_CODECS:  # the teacher must see the pixels the cache will hold
+        region_views = np.stack([_round_trip(v, rgb_codec) for v in region_views])
+        patch_views = np.stack([[_round_trip(p, rgb_codec) for p in ps] for ps in patch_views])
+    out.region_views, out.patches = region_views, patch_views
+    return out
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: int, lookahead: int) -> Iterator[Any]:
+    """``map(fn, items)`` computed by ``num_workers`` threads at most ``lookahead`` items ahead."""
+    if num_workers <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="dad-prepare") as pool:
+        pending: deque = deque()
+        it = iter(items)
+        try:
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= lookahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing shards (one background thread)
+
+
+_END, _ABORT = object(), object()
+
+
+class _Aborted(Exception):
+    """Raised inside ``write_shard``'s sample iterator so an unfinished shard is never published."""
+
+
+class _BackgroundWriter:
+    """Runs ``writer.write_shard`` for one shard after another in a thread, each consuming a
+    bounded queue that the main thread fills; errors surface in the main thread."""
+
+    def __init__(self, writer, queue_size: int, log: Callable[[str], None]) -> None:
+        self.writer, self.queue_size, self.log = writer, queue_size, log
+        self.records: dict[int, dict] = {}
+        self.error: BaseException | None = None
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="dad-cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            shard, samples, skipped, total = job
+            try:
+                t0 = time.perf_counter()
+                record = self.writer.write_shard(shard, self._drain(samples), skipped)
+                self.records[shard] = record
+                n = record.get("num_samples", record.get("samples", "?")) if isinstance(record, dict) else "?"
+                self.log(f"shard {shard + 1}/{total} written: {n} samples, {len(skipped)} skipped "
+                         f"({time.perf_counter() - t0:.1f} s)")
+            except _Aborted:
+                return
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+                return
+
+    @staticmethod
+    def _drain(samples: queue.Queue) -> Iterator[CacheSample]:
+        while True:
+            item = samples.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise _Aborted()
+            yield item
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self._thread.is_alive():
+            raise RuntimeError("the cache writer thread stopped unexpectedly")
+
+    def _put(self, q: queue.Queue, item: Any) -> None:
+        while True:
+            self._check()
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def begin(self, shard: int, total: int) -> "_ShardSink":
+        q: queue.Queue = queue.Queue(maxsize=self.queue_size)
+        skipped: list[SkippedInput] = []
+        self._check()
+        self._jobs.put((shard, q, skipped, total))
+        return _ShardSink(self, q, skipped)
+
+    def close(self) -> None:
+        """Wait for every begun shard to be written."""
+        self._jobs.put(None)
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.5)
+        if self.error is not None:
+            raise self.error
+
+    def abort(self, sink: "_ShardSink | None") -> None:
+        """Stop without publishing the shard in progress (shards already ended still finish)."""
+        if sink is not None and self._thread.is_alive():
+            try:
+                sink.queue.put(_ABORT, timeout=5.0)
+            except queue.Full:
+                pass
+        self._jobs.put(None)
+        self._thread.join(timeout=60.0)
+
+
+@dataclass
+class _ShardSink:
+    owner: _BackgroundWriter
+    queue: queue.Queue
+    skipped: list[SkippedInput]
+
+    def put(self, sample: CacheSample) -> None:
+        self.owner._put(self.queue, sample)
+
+    def end(self) -> None:
+        # the skipped list is complete before the writer sees the end of the samples
+        self.owner._put(self.queue, _END)
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def _batches(items: Iterable[PreparedImage], size: int) -> Iterator[list[PreparedImage]]:
+    batch: list[PreparedImage] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool) -> list[CacheSample]:
+    """All teachers on all views of ``good`` -> one CacheSample per (image, region)."""
+    region_views = np.concatenate([g.region_views for g in good])  # (B*R, S, S, 3)
+    patch_views = np.concatenate([g.patches for g in good])  # (B*R, P, L, L, 3)
+    num_regions, num_patches = patch_views.shape[:2]
+    flat_patches = patch_views.reshape(-1, *patch_views.shape[2:])
+    outputs = {}
+    for t in teachers:
+        d_region, d_patches, feats = t.predict(region_views, flat_patches, features)
+        outputs[t.name] = (d_region, d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:]), feats)
+    samples = []
+    row = 0
+    for g in good:
+        for plan in g.plans:
+            samples.append(CacheSample(
+                key=sample_key(g.key, plan.region_index), image_key=g.key, region_index=plan.region_index,
+                image_size=g.image_size, region_box=plan.region_box_array(), patch_boxes=plan.patch_boxes_array(),
+                rgb_region=region_views[row], rgb_patches=patch_views[row],
+                depth_region={n: o[0][row] for n, o in outputs.items()},
+                depth_patches={n: o[1][row] for n, o in outputs.items()},
+                features={n: o[2][row] for n, o in outputs.items()} if features else {},
+                notes=plan.notes,
+            ))
+            row += 1
+    return samples
+
+
+_samples_for_batch = samples_for_batch  # the name dad.train.online imports
+
+
+def cache_teachers(
+    images: str | os.PathLike,
+    teachers: Sequence[str | TeacherSpec],
+    output: str | os.PathLike,
+    fmt: str = "zarr",
+    global_crop_size: int = 560,
+    local_crop_size: int = 560,
+    min_region: int = 644,
+    regions_per_image: int = 1,
+    patches: str | tuple[int, int] = "2x2",
+    features: bool = True,
+    feature_dim: int = 64,
+    rgb_codec: str = "png",
+    shard_size: int | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    grid_seed: int = 0,
+    num_workers: int = 2,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run stage 1 for this job's part of the work; see the module docstring. ``num_shards`` /
+    ``shard_index`` are K parts of the work and this job's part (not storage shards, whose size
+    is ``shard_size`` images). Returns a summary of what this call did."""
+    t_start = time.perf_counter()
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    check_grid_settings(global_crop_size, local_crop_size, min_region, regions_per_image)
+    grid = parse_patches(patches)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
+    if num_workers < 0:
+        raise ConfigError(f"--num-workers {num_workers}: must be >= 0")
+    images_per_shard = DEFAULT_SHARD_SIZE[fmt] if shard_size is None else int(shard_size)
+    if images_per_shard < 1:
+        raise ConfigError(f"--shard-size {shard_size}: must be >= 1 images per shard")
+    if features and feature_dim < 1:
+        raise ConfigError(f"--feature-dim {feature_dim}: must be >= 1 (or use --no-features)")
+    if rgb_codec not in LOSSLESS_CODECS:
+        _round_trip(np.zeros((14, 14, 3), np.uint8), rgb_codec)  # an unknown codec fails now, not per image
+    split = resolve_work_split(num_shards, shard_index)
+
+    log = (lambda msg: print(f"cache-teachers: {msg}", file=sys.stderr, flush=True)) if show_progress else (lambda msg: None)
+    source = open_source(images)
+    dev = _device_for(device, split)
+    teacher_objs = [Teacher(spec, dev) for spec in parse_teacher_specs(teachers)]
+    if features:
+        too_narrow = [t for t in teacher_objs if t.embed_dim < feature_dim]
+        if too_narrow:
+            widths = ", ".join(f"{t.name} {t.embed_dim}" for t in too_narrow)
+            raise ConfigError(f"--feature-dim {feature_dim} is larger than a teacher's feature width ({widths}); "
+                              f"use --feature-dim <= {min(t.embed_dim for t in teacher_objs)}")
+        for t in teacher_objs:
+            t.set_projection(feature_dim, FEATURE_SEED)
+
+    header = build_header(source.keys, teacher_objs, global_crop_size=global_crop_size, local_crop_size=local_crop_size,
+                          min_region=min_region, regions_per_image=regions_per_image, patches=grid, features=features,
+                          feature_dim=feature_dim, rgb_codec=rgb_codec, images_per_shard=images_per_shard,
+                          grid_seed=grid_seed)
+    from dad.cache import create_cache_writer
+
+    writer = create_cache_writer(output, fmt, header)
+    total_shards = header["num_shards"]
+    mine = [k for k in range(total_shards) if split.owns(k)]
+    todo = [k for k in mine if not writer.is_complete(k)]
+    n_keys = len(source.keys)
+    log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index + 1}/{split.num_parts} "
+        f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}")
+
+    def prepare(item: tuple[int, int]) -> PreparedImage:
+        shard, index = item
+        return prepare_image(source, shard, index, grid_seed=grid_seed, min_region=min_region,
+                             global_crop_size=global_crop_size, local_crop_size=local_crop_size,
+                             regions_per_image=regions_per_image, patches=grid, rgb_codec=rgb_codec)
+
+    work = [(k, i) for k in todo for i in range(k * images_per_shard, min((k + 1) * images_per_shard, n_keys))]
+    bar = Progress(len(work), desc="cache-teachers", unit="img", enabled=show_progress)
+    images_cached = samples_written = 0
+    skipped_all: list[SkippedInput] = []
+    background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log)
+    sink = None
+    try:
+        prepared = _ordered_map(prepare, work, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
+        for shard, items in groupby(prepared, key=lambda p: p.shard):
+            sink = background.begin(shard, total_shards)
+            for batch in _batches(items, batch_size):
+                good = [p for p in batch if p.skipped is None]
+                for p in batch:
+                    if p.skipped is not None:
+                        sink.skipped.append(p.skipped)
+                        skipped_all.append(p.skipped)
+                if good:
+                    for sample in samples_for_batch(good, teacher_objs, features):
+                        sink.put(sample)
+                        samples_written += 1
+                images_cached += len(good)
+                bar.update(len(batch), postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
+            sink.end()
+            sink = None
+        background.close()
+    except BaseException:
+        background.abort(sink)
+        raise
+    finally:
+        bar.close()
+
+    finalized = writer.finalize()
+    seconds = time.perf_counter() - t_start
+    if finalized:
+        log(f"all {total_shards} shards complete: manifest written to {output}")
+    return {
+        "output": str(output), "format": fmt, "num_images": n_keys, "num_shards": total_shards,
+        "part": {"index": split.part_index, "count": split.num_parts, "from": split.source},
+        "shards_owned": len(mine), "shards_written": len(todo), "shards_already_complete": len(mine) - len(todo),
+        "images_cached": images_cached, "samples_written": samples_written,
+        "skipped": [s.to_dict() for s in skipped_all],
+        "teacher_forwards": {t.name: t.forward_calls for t in teacher_objs},
+        "finalized": bool(finalized), "device": str(dev), "seconds": round(seconds, 2),
+        "images_per_second": round(len(work) / seconds, 2) if seconds > 0 else None,
+    }

@@ -1,0 +1,41 @@
+"""Which part of the work a job does: flags, SLURM array, torchrun, or everything."""
+
+from __future__ import annotations
+
+import pytest
+
+from dad.errors import ConfigError
+from dad.pipeline.cache_teachers import resolve_work_split
+
+
+def test_flags_win_over_the_environment():
+    env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8", "WORLD_SIZE": "4", "RANK": "1"}
+    s = resolve_work_split(3, 2, env)
+    assert (s.num_parts, s.part_index, s.source) == (3, 2, "flags")
+    assert [k for k in range(10) if s.owns(k)] == [2, 5, 8]
+
+
+def test_slurm_array_offsets_and_steps():
+    s = resolve_work_split(environ={"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_COUNT": "4",
+                                    "SLURM_ARRAY_TASK_MIN": "10"})
+    assert (s.num_parts, s.part_index, s.source) == (4, 2, "slurm-array")
+    s = resolve_work_split(environ={"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4",
+                                    "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2"})
+    assert (s.num_parts, s.part_index) == (4, 3)
+    with pytest.raises(ConfigError, match="contiguous"):  # --array=0-9,20: task 20 of 11
+        resolve_work_split(environ={"SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_COUNT": "11",
+                                    "SLURM_ARRAY_TASK_MIN": "0"})
+
+
+def test_torchrun_and_default():
+    s = resolve_work_split(environ={"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"})
+    assert (s.num_parts, s.part_index, s.source, s.local_rank) == (8, 5, "torchrun", 1)
+    s = resolve_work_split(environ={})
+    assert (s.num_parts, s.part_index, s.source) == (1, 0, "single")
+
+
+def test_bad_flags_name_them():
+    with pytest.raises(ConfigError, match="--num-shards and --shard-index"):
+        resolve_work_split(4, None, {})
+    with pytest.raises(ConfigError, match="--num-shards 2 --shard-index 2"):
+        resolve_work_split(2, 2, {})
