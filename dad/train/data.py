@@ -118,7 +118,7 @@ def augment_sample(sample: CacheSample, teacher: str, rng: np.random.Generator, 
         mean = rgb.mean()
         rgb = (rgb - mean) * c + mean
         gray = rgb.mean(axis=2, keepdims=True)
-        rgb = np.clip((rgb - gray) * s + gray, 0.0, 1.0)
+        rgb = np.clip((rgb - gray) * s + gray, 0.0, 1.0).astype(np.float32)
     out = {
         "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
         "depth_region": torch.from_numpy(np.ascontiguousarray(depth)),
