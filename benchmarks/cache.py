@@ -1,0 +1,98 @@
+"""Stage-1 throughput: the teacher forwards alone versus the whole `dad cache-teachers` pipeline.
+
+    # on a GPU, the issue's setting
+    python benchmarks/cache.py --teacher-arch vitl --size 560 --images 64 --batch-size 8
+    # CPU smoke run
+    python benchmarks/cache.py --teacher-arch vits --size 112 --images 16 --batch-size 4
+
+Side by side in one run, on the same synthetic images: images/s of the bare teacher forwards
+over every view (region view + patches) of every image, images/s of the full pipeline (decode,
+crop, forward, quantise, compress, write) for each format, the ratio (goal >= 80%: I/O and
+compression hidden behind compute), and bytes per depth pixel / per image from `cache_info`.
+Codec encode/decode speeds: benchmarks/codecs.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher-arch", default="vitl")
+    ap.add_argument("--size", type=int, default=560, help="region view and patch size")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--num-workers", type=int, default=4)
+    ap.add_argument("--formats", default="zarr,webdataset")
+    args = ap.parse_args()
+
+    from dad.cache import cache_info
+    from dad.data.synthetic import render_scene
+    from dad.infer import resolve_device
+    from dad.models import build_depth_model, save_depth_model
+    from dad.pipeline.cache_teachers import cache_teachers
+    from dad.pipeline.teachers import Teacher, parse_teacher_specs
+
+    work = Path(tempfile.mkdtemp(prefix="dad-bench-cache-"))
+    images = work / "images"
+    images.mkdir()
+    side = int(args.size * 1.3)
+    for i in range(args.images):
+        rgb, _ = render_scene(i, side, int(side * 4 / 3))
+        Image.fromarray(rgb).save(images / f"img_{i:04d}.jpg", quality=92)
+    torch.manual_seed(0)
+    ckpt = save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors")
+    device = resolve_device(args.device)
+
+    # 1. forwards alone: the same number of views per image (1 region view + 4 patches), no I/O
+    teacher = Teacher(parse_teacher_specs([f"t={ckpt}"])[0], device)
+    teacher.set_projection(64, 0)
+    views = np.random.default_rng(0).integers(0, 255, (args.batch_size, args.size, args.size, 3), dtype=np.uint8)
+    patches = np.random.default_rng(1).integers(0, 255, (4 * args.batch_size, args.size, args.size, 3), dtype=np.uint8)
+    teacher.predict(views, patches, True)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    done = 0
+    while done < args.images:
+        teacher.predict(views, patches, True)
+        done += args.batch_size
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    forward_rate = done / (time.perf_counter() - start)
+
+    rows = []
+    for fmt in args.formats.split(","):
+        out = work / f"cache_{fmt}"
+        start = time.perf_counter()
+        cache_teachers(images=str(images), teachers=[f"t={ckpt}"], output=str(out), fmt=fmt, global_crop_size=args.size,
+                       local_crop_size=args.size, min_region=args.size, batch_size=args.batch_size, device=args.device,
+                       num_workers=args.num_workers, show_progress=False)
+        rate = args.images / (time.perf_counter() - start)
+        info = cache_info(out)
+        rows.append((fmt, rate, info))
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"teacher {args.teacher_arch}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
+          f"{args.images} images, device {name}")
+    print(f"{'what':<24} {'images/s':>9} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}")
+    print(f"{'teacher forwards alone':<24} {forward_rate:>9.2f} {'100%':>11}")
+    for fmt, rate, info in rows:
+        per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
+        bpp = info.get("depth_bytes_per_pixel") or float("nan")
+        print(f"{'pipeline, ' + fmt:<24} {rate:>9.2f} {100 * rate / forward_rate:>10.0f}% {bpp:>11.3f} {per_image:>9.3f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
