@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from dad.data.synthetic import render_scene
 from dad.infer import normalize
-from dad.models import build_depth_model, save_depth_model
+from dad.models import build_depth_model, load_depth_model, save_depth_model
 from dad.train.losses import distill_loss, gradient_loss
 
 TEACHER_ARCH = {
@@ -60,11 +60,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-scenes", type=int, default=64)
+    ap.add_argument("--init", default=None, help="continue from this checkpoint (a second, longer stage)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = build_depth_model(TEACHER_ARCH)
+    if args.init:
+        model.load_state_dict(load_depth_model(args.init).state_dict())
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
