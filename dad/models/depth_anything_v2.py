@@ -332,6 +332,9 @@ class DepthAnythingV2(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        # the head ends in a ReLU: a positive bias keeps a fresh model off the dead side of it,
+        # where it would output 0 everywhere and never receive a gradient
+        nn.init.constant_(self.depth_head.scratch.output_conv2[2].bias, 1.0)
 
     def set_sdpa(self, enabled: bool) -> None:
         for m in self.modules():
