@@ -1,46 +1,50 @@
-"""Encodings of cached values, shared by both storage formats (so they decode to equal values).
+"""Encodings of cached values, shared by both storage formats, so both decode to equal values.
 
-Depth (chosen by measurement, see docs/cache-format.md and benchmarks/codecs.py):
-  disparity -> per-map scale/offset to 14-bit integers (max error range / 32766, ~3e-5 of the
-  map's range) -> row-wise delta (first column: vertical delta) -> zigzag to uint16. Smooth maps
-  become small residuals that byte-shuffle + zstd squeeze below 1 byte per pixel.
-RGB: PNG (lossless) or JPEG at a given quality, as bytes; decoded pixels are what both teacher
-and student see.
-Features: float16, zstd.
+Chosen by measurement (``benchmarks/codecs.py``; numbers in docs/cache-format.md):
+
+- **Depth**: each map is scaled to 14-bit integers between its own min and max (max error
+  range / 32766, ~3.1e-5 of the map's range); what is stored is the zigzagged residual of the
+  planar predictor (left + above - above-left), compressed by blosc (bitshuffle + zstd). In
+  zarr the residuals are a plain uint16 array with the standard ``blosc`` codec;
+  ``unpredict_depth`` and ``dequantize_depth`` turn them back into disparity.
+- **RGB**: PNG (lossless) or JPEG at a given quality, stored as the encoded file bytes; the
+  pixels the teacher sees are the decoded ones (``roundtrip_rgb``).
+- **Features**: float16, byte-shuffled, zstd.
+
+Every encoder is deterministic (fixed levels, no timestamps), so a re-run writes the same bytes.
 """
 
 from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 import numpy as np
-from numcodecs import Zstd
+from numcodecs import Blosc, VLenBytes, Zstd
 from PIL import Image
 
 from dad.errors import CacheError, ConfigError
 
-DEPTH_BITS = 14
-DEPTH_LEVELS = (1 << DEPTH_BITS) - 1
-ZSTD_LEVEL = 9
-_zstd = Zstd(level=ZSTD_LEVEL)
-
-
 # --------------------------------------------------------------------------------------------
 # RGB
+
+PNG_COMPRESS_LEVEL = 6
+DEFAULT_JPEG_QUALITY = 95
 
 
 def _jpeg_quality(codec: str) -> int | None:
     m = re.fullmatch(r"jpe?g(\d{1,3})?", codec)
     if not m:
         return None
-    q = int(m.group(1) or 95)
+    q = int(m.group(1) or DEFAULT_JPEG_QUALITY)
     if not 1 <= q <= 100:
         raise ConfigError(f"--rgb-codec {codec}: JPEG quality must be 1..100, e.g. jpeg95")
     return q
 
 
 def rgb_extension(codec: str) -> str:
+    """File extension of ``codec``'s bytes ('png' or 'jpg'); an unknown codec raises ConfigError."""
     if codec == "png":
         return "png"
     if _jpeg_quality(codec) is not None:
@@ -48,108 +52,194 @@ def rgb_extension(codec: str) -> str:
     raise ConfigError(f"--rgb-codec {codec!r}: use png (lossless) or jpegQQ (e.g. jpeg95)")
 
 
+def rgb_is_lossless(codec: str) -> bool:
+    return rgb_extension(codec) == "png"
+
+
 def encode_rgb(pixels: np.ndarray, codec: str = "png") -> bytes:
-    """(H, W, 3) uint8 -> PNG or JPEG bytes (deterministic settings)."""
+    """(H, W, 3) uint8 -> PNG or JPEG bytes. JPEG at quality >= 90 keeps full-resolution chroma
+    (4:4:4), below that 4:2:0; fixed settings, so the same pixels give the same bytes."""
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise CacheError(f"RGB to encode must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
     buf = io.BytesIO()
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    image = Image.fromarray(np.ascontiguousarray(arr))
     if codec == "png":
-        image.save(buf, format="PNG", compress_level=6)
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     else:
         quality = _jpeg_quality(codec)
         if quality is None:
-            rgb_extension(codec)  # raises with the fix
+            rgb_extension(codec)  # raises, naming the flag
         image.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     return buf.getvalue()
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
+    """PNG or JPEG bytes -> (H, W, 3) uint8 (a fresh, writable array)."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def roundtrip_rgb(pixels: np.ndarray, codec: str) -> np.ndarray:
-    return pixels if codec == "png" else decode_rgb(encode_rgb(pixels, codec))
+    """The pixels a reader of the cache will get back: what the teacher must be fed."""
+    if rgb_is_lossless(codec):
+        return np.asarray(pixels, dtype=np.uint8)
+    return decode_rgb(encode_rgb(pixels, codec))
+
+
+_vlen = VLenBytes()
+
+
+def encode_vlen(items: list[bytes]) -> bytes:
+    """Several byte strings as one zarr ``vlen-bytes`` chunk (uint32 count, then length + bytes)."""
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return bytes(_vlen.encode(arr))
+
+
+def decode_vlen(data: bytes) -> list[bytes]:
+    return [bytes(b) for b in _vlen.decode(data)]
 
 
 # --------------------------------------------------------------------------------------------
 # depth
 
+DEPTH_BITS = 14
+DEPTH_LEVELS = (1 << DEPTH_BITS) - 1  # stored integers are 0..DEPTH_LEVELS
+DEPTH_BLOSC = {"cname": "zstd", "clevel": 5, "shuffle": "bitshuffle", "blocksize": 0}
+_SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+_depth_blosc = Blosc(cname=DEPTH_BLOSC["cname"], clevel=DEPTH_BLOSC["clevel"],
+                     shuffle=_SHUFFLES[DEPTH_BLOSC["shuffle"]], blocksize=DEPTH_BLOSC["blocksize"])
+
 
 def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Float maps (..., H, W) -> (uint16 levels (..., H, W), float32 (..., 2) [lo, hi] per map)."""
+    """Float maps (..., H, W) -> (uint16 levels (..., H, W), float32 (..., 2) [lo, hi] per map).
+    A constant map stores all zeros and decodes to its value exactly."""
     d = np.asarray(depth, dtype=np.float32)
-    if not np.isfinite(d).all():
-        raise CacheError("teacher produced non-finite depth; check the teacher checkpoint")
-    lo = d.min(axis=(-2, -1), keepdims=True)
-    hi = d.max(axis=(-2, -1), keepdims=True)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    q = np.rint((d - lo) / span * DEPTH_LEVELS).astype(np.uint16)
-    return q, np.concatenate([lo, hi], axis=-1)[..., 0, :].astype(np.float32)
+    lo = d.min(axis=(-2, -1))
+    hi = d.max(axis=(-2, -1))
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise CacheError("a teacher depth map is not finite (NaN or inf); check the teacher checkpoint and its input")
+    span = hi.astype(np.float64) - lo
+    scale = np.divide(DEPTH_LEVELS, span, out=np.zeros_like(span), where=span > 0).astype(np.float32)
+    q = np.rint((d - lo[..., None, None]) * scale[..., None, None])
+    np.clip(q, 0, DEPTH_LEVELS, out=q)
+    return q.astype(np.uint16), np.stack([lo, hi], axis=-1).astype(np.float32)
 
 
 def dequantize_depth(q: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-    lo = ranges[..., 0, None, None].astype(np.float32)
-    hi = ranges[..., 1, None, None].astype(np.float32)
-    return (lo + q.astype(np.float32) * ((hi - lo) / DEPTH_LEVELS)).astype(np.float32)
+    """Inverse of ``quantize_depth``: lo + q * (hi - lo) / DEPTH_LEVELS, float32."""
+    ranges = np.asarray(ranges, dtype=np.float32)
+    lo = ranges[..., 0]
+    step = ((ranges[..., 1].astype(np.float64) - lo) / DEPTH_LEVELS).astype(np.float32)
+    out = q.astype(np.float32)
+    out *= step[..., None, None]
+    out += lo[..., None, None]
+    return out
 
 
-def delta_encode(q: np.ndarray) -> np.ndarray:
-    """uint16 maps (..., H, W) -> zigzag residuals of the left neighbour (column 0: the pixel above)."""
-    r = q.astype(np.int32)
-    res = np.empty_like(r)
-    res[..., :, 1:] = r[..., :, 1:] - r[..., :, :-1]
-    res[..., 0, 0] = r[..., 0, 0]
-    res[..., 1:, 0] = r[..., 1:, 0] - r[..., :-1, 0]
-    return ((res << 1) ^ (res >> 31)).astype(np.uint16)
+def predict_depth(q: np.ndarray) -> np.ndarray:
+    """uint16 levels (..., H, W) -> zigzag residuals of the planar predictor, same shape:
+    r = q[y, x] - q[y, x-1] - q[y-1, x] + q[y-1, x-1] (zero outside the map), mod 2^16, then
+    zigzag (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...) so small residuals of either sign have
+    their high bits clear for bitshuffle."""
+    r = np.empty_like(q, dtype=np.uint16)
+    r[..., 0] = q[..., 0]
+    np.subtract(q[..., 1:], q[..., :-1], out=r[..., 1:], dtype=np.uint16)
+    r[..., 1:, :] -= r[..., :-1, :].copy()
+    s = r.view(np.int16)
+    return ((s << 1) ^ (s >> 15)).view(np.uint16)
 
 
-def delta_decode(z: np.ndarray) -> np.ndarray:
-    u = z.astype(np.int32)
-    res = (u >> 1) ^ -(u & 1)
-    first = np.cumsum(res[..., :, 0], axis=-1)  # column 0 down the rows
-    res[..., :, 0] = first
-    return np.cumsum(res, axis=-1).astype(np.uint16)
+def unpredict_depth(z: np.ndarray) -> np.ndarray:
+    """Inverse of ``predict_depth``: unzigzag, then cumulative sums along x and y (mod 2^16)."""
+    z = np.asarray(z, dtype=np.uint16)
+    r = (z >> 1) ^ (np.uint16(0) - (z & 1))
+    return np.cumsum(np.cumsum(r, axis=-1, dtype=np.uint16), axis=-2, dtype=np.uint16)
 
 
-def _shuffle(b: bytes, itemsize: int) -> bytes:
-    return np.frombuffer(b, np.uint8).reshape(-1, itemsize).T.tobytes()
-
-
-def _unshuffle(b: bytes, itemsize: int) -> bytes:
-    return np.frombuffer(b, np.uint8).reshape(itemsize, -1).T.tobytes()
-
-
-def encode_depth_blob(depth: np.ndarray) -> bytes:
-    """Float maps (..., H, W) -> self-contained bytes: npy header of the ranges + compressed residuals."""
+def encode_depth(depth: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Float maps (..., H, W) -> (compressed chunk bytes, float32 ranges (..., 2))."""
     q, ranges = quantize_depth(depth)
-    head = io.BytesIO()
-    np.save(head, ranges)
-    np.save(head, np.asarray(q.shape, np.int64))
-    head_bytes = head.getvalue()
-    body = _zstd.encode(_shuffle(delta_encode(q).tobytes(), 2))
-    return len(head_bytes).to_bytes(4, "little") + head_bytes + body
+    return bytes(_depth_blosc.encode(predict_depth(q))), ranges
 
 
-def decode_depth_blob(data: bytes) -> np.ndarray:
-    n = int.from_bytes(data[:4], "little")
-    head = io.BytesIO(data[4 : 4 + n])
-    ranges = np.load(head)
-    shape = tuple(int(s) for s in np.load(head))
-    z = np.frombuffer(_unshuffle(bytes(_zstd.decode(data[4 + n :])), 2), np.uint16).reshape(shape)
-    return dequantize_depth(delta_decode(z), ranges)
+def decode_depth_levels(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Chunk bytes -> uint16 levels of ``shape`` (..., H, W)."""
+    raw = np.frombuffer(_depth_blosc.decode(data), dtype="<u2")
+    if raw.size != int(np.prod(shape)):
+        raise CacheError(f"depth chunk holds {raw.size} values, expected {int(np.prod(shape))} for shape {shape}")
+    return unpredict_depth(raw.reshape(shape))
+
+
+def decode_depth(data: bytes, shape: tuple[int, ...], ranges: np.ndarray) -> np.ndarray:
+    """Chunk bytes + ranges -> float32 maps of ``shape`` (..., H, W)."""
+    return dequantize_depth(decode_depth_levels(data, shape), ranges)
+
+
+def depth_error_bound(ranges: np.ndarray) -> np.ndarray:
+    """Largest |decoded - original| per map, apart from float32 rounding: half a level."""
+    ranges = np.asarray(ranges, dtype=np.float64)
+    return (ranges[..., 1] - ranges[..., 0]) / (2 * DEPTH_LEVELS)
 
 
 # --------------------------------------------------------------------------------------------
 # features
 
+FEATURE_ZSTD_LEVEL = 3
+FEATURE_SHUFFLE = True  # byte-shuffle the float16 values (high bytes together) before zstd
+_feature_zstd = Zstd(level=FEATURE_ZSTD_LEVEL)
+
+
+def _shuffle2(raw: bytes) -> bytes:
+    return np.frombuffer(raw, np.uint8).reshape(-1, 2).T.tobytes()
+
+
+def _unshuffle2(raw: bytes) -> bytes:
+    return np.frombuffer(raw, np.uint8).reshape(2, -1).T.tobytes()
+
 
 def encode_features(features: np.ndarray) -> bytes:
-    f = np.ascontiguousarray(features, dtype=np.float16)
-    head = np.asarray(f.shape, np.int32).tobytes()
-    return len(f.shape).to_bytes(1, "little") + head + _zstd.encode(_shuffle(f.tobytes(), 2))
+    """float16 (h, w, D) -> zstd of the byte-shuffled little-endian values."""
+    f = np.ascontiguousarray(features, dtype="<f2")
+    raw = f.tobytes()
+    return bytes(_feature_zstd.encode(_shuffle2(raw) if FEATURE_SHUFFLE else raw))
 
 
-def decode_features(data: bytes) -> np.ndarray:
-    ndim = data[0]
-    shape = tuple(np.frombuffer(data[1 : 1 + 4 * ndim], np.int32))
-    return np.frombuffer(_unshuffle(bytes(_zstd.decode(data[1 + 4 * ndim :])), 2), np.float16).reshape(shape).copy()
+def decode_features(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    raw = bytes(_feature_zstd.decode(data))
+    if len(raw) != 2 * int(np.prod(shape)):
+        raise CacheError(f"feature chunk holds {len(raw) // 2} values, expected {int(np.prod(shape))} for shape {shape}")
+    return np.frombuffer(_unshuffle2(raw) if FEATURE_SHUFFLE else raw, dtype="<f2").reshape(shape).astype(np.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# the same encodings as zarr v3 codec chains (inner codecs of the sharding codec)
+
+
+def zarr_depth_codecs() -> dict[str, Any]:
+    """Codecs of a uint16 residual array matching ``encode_depth``: standard v3 bytes + blosc."""
+    from zarr.codecs import BloscCodec
+
+    return {"compressors": BloscCodec(typesize=2, **DEPTH_BLOSC)}
+
+
+def zarr_feature_codecs() -> dict[str, Any]:
+    from zarr.codecs import ZstdCodec
+    from zarr.codecs.numcodecs import Shuffle
+
+    zstd = ZstdCodec(level=FEATURE_ZSTD_LEVEL, checksum=False)
+    return {"compressors": [Shuffle(elementsize=2), zstd] if FEATURE_SHUFFLE else zstd}
+
+
+def encoding_description(rgb_codec: str) -> dict[str, Any]:
+    """What the manifest records about the encodings (part of the configuration a cache is
+    created with: a writer with other encodings refuses to add to it)."""
+    return {
+        "depth": {"dtype": "uint16", "bits": DEPTH_BITS, "levels": DEPTH_LEVELS,
+                  "decode": "lo + q * (hi - lo) / levels, per map; [lo, hi] float32 stored beside",
+                  "stored": "zigzag residuals of the planar predictor q[y,x]-q[y,x-1]-q[y-1,x]+q[y-1,x-1] (zero outside), mod 2^16",
+                  "levels": "cumsum over x then y of unzigzag(stored), mod 2^16", "blosc": dict(DEPTH_BLOSC)},
+        "rgb": {"codec": rgb_codec, "format": rgb_extension(rgb_codec), "png_compress_level": PNG_COMPRESS_LEVEL},
+        "features": {"dtype": "float16", "byte_shuffle": FEATURE_SHUFFLE, "zstd_level": FEATURE_ZSTD_LEVEL},
+    }

@@ -6,79 +6,180 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dad.cache.store import TeacherCache, _read_records, _sha256_files, read_manifest
+import numpy as np
+
+from dad.cache.layout import (
+    MANIFEST,
+    SHARDS,
+    combined_checksum,
+    leftover_temps,
+    read_manifest,
+    read_record,
+    record_path,
+    recorded_shards,
+    sha256_file,
+    shard_name,
+)
+from dad.cache.store import KINDS, TeacherCache
 from dad.errors import CacheError
 from dad.utils.progress import Progress
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
 def cache_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Counts, teachers, configuration, sizes (total, per sample, per depth pixel, per feature
+    value, per RGB pixel), skipped inputs and completeness of the cache at ``path``."""
     root = Path(path)
     manifest = read_manifest(root)
     header = manifest["header"]
-    records = _read_records(root)
-    depth_bytes = sum(r.get("depth_bytes", 0) for r in records)
-    depth_pixels = sum(r.get("depth_pixels", 0) for r in records)
-    feature_bytes = sum(r.get("feature_bytes", 0) for r in records)
-    feature_values = sum(r.get("feature_values", 0) for r in records)
+    num_shards = int(header["num_shards"])
+    done = recorded_shards(root, num_shards)
+    records = [read_record(root, k) for k in done]
     samples = sum(r["num_samples"] for r in records)
+    by_kind = {k: sum(r["bytes_by_kind"].get(k, 0) for r in records) for k in KINDS}
+    total = sum(r["bytes"] for r in records)
+    depth_pixels = sum(r["depth_pixels"] for r in records)
+    feature_values = sum(r["feature_values"] for r in records)
+    rgb_pixels = sum(r["rgb_pixels"] for r in records)
     return {
         "path": str(root), "format": manifest["format"], "format_version": manifest["format_version"],
-        "complete": len(records) == header["num_shards"],
-        "shards_complete": len(records), "shards_total": header["num_shards"],
-        "images_total": header["num_images"], "samples": samples,
+        "complete": len(done) == num_shards, "finalized": bool(manifest.get("complete")),
+        "shards_complete": len(done), "shards_total": num_shards,
+        "missing_shards": sorted(set(range(num_shards)) - set(done)),
+        "images_total": int(header["num_images"]), "images_cached": sum(r["num_images"] for r in records),
+        "samples": samples, "regions_per_image": header["regions_per_image"],
         "skipped": [s for r in records for s in r["skipped"]],
         "teachers": header["teachers"], "config": header.get("config", {}),
-        "bytes_total": sum(r["bytes"] for r in records),
-        "bytes_per_sample": sum(r["bytes"] for r in records) / samples if samples else None,
-        "depth_bytes_per_pixel": depth_bytes / depth_pixels if depth_pixels else None,
-        "feature_bytes_per_value": feature_bytes / feature_values if feature_values else None,
+        "sizes": {k: header.get(k) for k in ("global_crop_size", "local_crop_size", "num_patches", "features",
+                                             "feature_dim", "rgb_codec", "images_per_shard")},
+        "encoding": manifest.get("encoding", {}),
+        "bytes_total": total, "bytes_by_kind": by_kind,
+        "bytes_per_sample": _ratio(total, samples),
+        "depth_bytes_per_pixel": _ratio(by_kind["depth"], depth_pixels),
+        "feature_bytes_per_value": _ratio(by_kind["features"], feature_values),
+        "rgb_bytes_per_pixel": _ratio(by_kind["rgb"], rgb_pixels),
+        "temporary_files": [p.name for p in leftover_temps(root)],
     }
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
 def format_cache_info(info: dict[str, Any]) -> str:
-    def num(x, fmt="{:.3f}"):
+    def num(x: float | None, fmt: str = "{:.3f}") -> str:
         return "-" if x is None else fmt.format(x)
 
+    missing = info["missing_shards"]
+    state = "yes" if info["complete"] else (
+        f"NO, missing shards {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
+    sizes = info["sizes"]
+    kinds = ", ".join(f"{k} {_mb(v)}" for k, v in info["bytes_by_kind"].items())
     lines = [
         f"cache      {info['path']} ({info['format']}, format v{info['format_version']})",
-        f"complete   {'yes' if info['complete'] else 'NO'}: {info['shards_complete']}/{info['shards_total']} shards",
-        f"images     {info['images_total']} listed, {info['samples']} samples cached, {len(info['skipped'])} skipped",
-        "teachers   " + ", ".join(f"{t['name']} ({t['arch'].get('name', 'custom')}, sha256 {t['sha256'][:12]})" for t in info["teachers"]),
-        f"size       {info['bytes_total'] / 1e6:.1f} MB; {num(info['bytes_per_sample'], '{:.0f}')} B/sample; "
-        f"depth {num(info['depth_bytes_per_pixel'])} B/pixel; features {num(info['feature_bytes_per_value'])} B/value",
+        f"complete   {info['shards_complete']}/{info['shards_total']} shards: {state}",
+        f"images     {info['images_total']} listed, {info['images_cached']} cached, {len(info['skipped'])} skipped; "
+        f"{info['samples']} samples ({info['regions_per_image']} region(s) per image)",
+        "teachers   " + "; ".join(f"{t['name']} ({t['arch'].get('name') or 'embed ' + str(t['arch'].get('embed_dim'))}, "
+                                  f"sha256 {t['sha256'][:12]}, {t['checkpoint']})" for t in info["teachers"]),
+        f"views      region {sizes['global_crop_size']} px, {sizes['num_patches']} patches of {sizes['local_crop_size']} px, "
+        f"rgb {sizes['rgb_codec']}, features {'D=' + str(sizes['feature_dim']) if sizes['features'] else 'none'}",
+        f"size       {_mb(info['bytes_total'])} ({kinds}); {num(info['bytes_per_sample'], '{:.0f}')} B/sample",
+        f"per value  depth {num(info['depth_bytes_per_pixel'])} B/pixel, features {num(info['feature_bytes_per_value'])} B/value, "
+        f"rgb {num(info['rgb_bytes_per_pixel'])} B/pixel",
         "config     " + ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items())),
     ]
+    if info["temporary_files"]:
+        lines.append(f"temporary  {len(info['temporary_files'])} unfinished payload(s) in shards/ (a running or killed job)")
     for s in info["skipped"]:
         lines.append(f"skipped    {s['key']}: {s['reason']}")
     return "\n".join(lines)
 
 
+def _check_files(root: Path, shard: int, record: dict[str, Any]) -> str | None:
+    """None when every payload file of the shard has its recorded size and sha256."""
+    label = f"shard {shard_name(shard)} (shards/{record.get('path')})"
+    fix = f"delete shards/{shard_name(shard)}.json and shards/{record.get('path')}, then re-run `dad cache-teachers` to rewrite it"
+    files = record.get("files") or {}
+    if combined_checksum(files) != record.get("sha256"):
+        return f"{label}: the record's file list does not match its checksum; {fix}"
+    for rel in sorted(files):
+        p = root / SHARDS / rel
+        try:
+            size, sha = sha256_file(p)
+        except FileNotFoundError:
+            return f"{label}: file {rel} is missing; {fix}"
+        if size != files[rel]["bytes"] or sha != files[rel]["sha256"]:
+            return f"{label}: file {rel} fails its checksum ({size} bytes, sha256 {sha[:12]}, recorded {files[rel]['bytes']} bytes, {files[rel]['sha256'][:12]}); {fix}"
+    return None
+
+
+def _check_sample(cache: TeacherCache, index: int, key: str) -> None:
+    s = cache.get(index)
+    geo = cache.geometry
+    if s.key != key:
+        raise CacheError(f"holds {s.key!r} where the record says {key!r}")
+    size, psize, p = geo.region_size, geo.patch_size, geo.num_patches
+    if s.rgb_region.shape != (size, size, 3) or s.rgb_patches.shape != (p, psize, psize, 3):
+        raise CacheError(f"RGB shapes {s.rgb_region.shape} / {s.rgb_patches.shape} do not match the header")
+    for t in geo.teachers:
+        for what, arr in (("region", s.depth_region[t]), ("patches", s.depth_patches[t])):
+            if not np.isfinite(arr).all():
+                raise CacheError(f"teacher {t} {what} depth decodes to non-finite values")
+        if geo.features and s.features[t].shape != geo.feature_shape:
+            raise CacheError(f"teacher {t} features are {s.features[t].shape}, expected {geo.feature_shape}")
+
+
 def verify_cache(path: str | os.PathLike, show_progress: bool = True) -> list[str]:
-    """Every shard's checksum re-computed and every sample decoded; a list of problems, each
-    naming its shard ([] when the cache is intact)."""
+    """Re-check every complete shard's files against their recorded sha256 and decode every
+    sample; returns one line per problem, each naming its shard ([] when the cache is intact
+    and complete)."""
     root = Path(path)
+    manifest = read_manifest(root)
     problems: list[str] = []
-    cache = TeacherCache(root)
-    if not cache.is_complete:
-        problems.append(f"{root}: incomplete, {len(cache.records)}/{cache.config['num_shards']} shards; re-run `dad cache-teachers`")
+    num_shards = int(manifest["header"]["num_shards"])
+    done = recorded_shards(root, num_shards)
+    if len(done) < num_shards:
+        missing = sorted(set(range(num_shards)) - set(done))
+        names = ", ".join(shard_name(k) for k in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        problems.append(f"{root}: incomplete, {len(done)}/{num_shards} shards (missing {names}); "
+                        "re-run `dad cache-teachers` with the same options to finish it")
+    finalized = {int(s["shard"]): s for s in manifest.get("shards", [])} if manifest.get("complete") else {}
+    cache = TeacherCache(root)  # reads what is complete now
+    if finalized:
+        import hashlib
+
+        for k in done:
+            raw = record_path(root, k).read_bytes()
+            if k not in finalized or hashlib.sha256(raw).hexdigest() != finalized[k]["record_sha256"]:
+                problems.append(f"shard {shard_name(k)}: its record differs from the one in {MANIFEST}; "
+                                f"delete shards/{shard_name(k)}.json and its payload, then re-run `dad cache-teachers`")
     bar = Progress(len(cache), desc="cache-verify", unit="sample", enabled=show_progress)
-    for pos, record in enumerate(cache.records):
-        shard_path = root / "shards" / record["path"]
-        files = [p for p in shard_path.rglob("*") if p.is_file()] if shard_path.is_dir() else [shard_path]
-        if not shard_path.exists():
-            problems.append(f"shard {record['path']}: missing; delete {record['path'].split('.')[0]}.json and re-run `dad cache-teachers`")
+    start = 0
+    for k in cache.complete_shards:
+        try:
+            record = read_record(root, k)
+        except CacheError as e:
+            problems.append(f"shard {shard_name(k)}: {e}")
             continue
-        checksum, _ = _sha256_files(files, root / "shards")
-        if checksum != record["sha256"]:
-            problems.append(f"shard {record['path']}: checksum mismatch; delete it and its .json record, then re-run `dad cache-teachers`")
-            bar.update(record["num_samples"])
-            continue
-        for j in range(record["num_samples"]):
-            try:
-                cache.get(int(cache._starts[pos]) + j)
-            except Exception as e:  # noqa: BLE001 - any decode failure is a bad shard
-                problems.append(f"shard {record['path']}: sample {record['keys'][j]} does not decode ({e})")
-                break
-            bar.update()
+        n = int(record["num_samples"])
+        bad = _check_files(root, k, record)
+        if bad:
+            problems.append(bad)
+        else:
+            for j in range(n):
+                try:
+                    _check_sample(cache, start + j, record["keys"][j])
+                except Exception as e:  # noqa: BLE001 - any failure to decode is a bad shard
+                    problems.append(f"shard {shard_name(k)} (shards/{record['path']}): sample {record['keys'][j]!r} "
+                                    f"does not decode ({e}); delete shards/{shard_name(k)}.json and shards/{record['path']}, "
+                                    "then re-run `dad cache-teachers`")
+                    break
+                bar.update()
+        start += n
+        cache.close()  # one shard at a time: no descriptor pile-up
     bar.close()
     return problems

@@ -1,472 +1,429 @@
-"""Teacher caches on disk: manifest, shard writers and readers for zarr v3 and webdataset.
+"""Writing and reading teacher caches (both formats): ``create_cache_writer``, ``open_cache``,
+``open_caches``. File layout: ``dad.cache.layout``; format details: docs/cache-format.md.
 
-Layout (both formats; docs/cache-format.md has the details):
-
-    CACHE/manifest.json          header (configuration, teachers, ...); after the last shard also
-                                 the shard list, skipped inputs and totals
-    CACHE/shards/000012.json     record of a complete work shard (written last: its presence is
-                                 what makes the shard visible)
-    CACHE/shards/000012.zarr/    zarr v3 group, one array per field, samples on axis 0
-    CACHE/shards/000012.tar      or a webdataset tar shard
-
-A shard is written under a temporary name, fsynced and renamed, then its record is written the
-same way; readers list records only, so a half-written shard is never seen. Encodings are
-deterministic (fixed compression levels, no timestamps), so a killed and resumed run ends with
-byte-identical files.
+Crash safety: a work shard's payload is written under a temporary name unique to the writing
+process, fsynced, renamed to its final name, and only then is its record written (atomically);
+readers list records, so a shard is visible complete or not at all. A re-run first removes
+what a killed writer of the same shard left behind. Every encoding is deterministic, so an
+interrupted and resumed run stores the same bytes as an uninterrupted one. One writer per
+shard at a time (the work split of ``dad cache-teachers`` guarantees it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import shutil
-import tarfile
+from collections import OrderedDict, deque
+import multiprocessing
+import weakref
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from dad.cache.codecs import (
-    decode_depth_blob,
-    decode_features,
-    decode_rgb,
-    delta_decode,
-    delta_encode,
-    dequantize_depth,
-    encode_depth_blob,
-    encode_features,
-    encode_rgb,
-    quantize_depth,
-    rgb_extension,
+from dad.cache import codecs
+from dad.cache.layout import (
+    FORMAT_NAME,
+    MANIFEST,
+    SHARDS,
+    canonical_json,
+    combined_checksum,
+    first_difference,
+    fsync_dir,
+    leftover_temps,
+    normalise,
+    payload_name,
+    read_manifest,
+    read_record,
+    record_path,
+    recorded_shards,
+    temp_name,
+    write_atomic,
 )
+from dad.cache.sample_codec import EncodedSample, Geometry, encode_sample
 from dad.cache.schema import FORMAT_VERSION, FORMATS, CacheSample, SkippedInput
+from dad.cache.tar_shards import TarShardReader, kind_of_field, write_tar_shard
+from dad.cache.zarr_shards import ZarrShardReader, kind_of, write_zarr_shard
 from dad.errors import CacheError
 
-MANIFEST = "manifest.json"
-ZARR_BLOCK = 16  # samples per zarr shard (inner chunk: one sample)
+KINDS = ("rgb", "depth", "features", "meta")
 
 
-# --------------------------------------------------------------------------------------------
-# small file helpers
-
-
-def _fsync_dir(path: Path) -> None:
+def _default_encode_workers() -> int:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        cpus = len(os.sched_getaffinity(0))  # what this job may use (SLURM/taskset), not the node's count
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus - 1))
+
+
+def _ordered_map(fn: Callable[..., Any], items: Iterable[Any], pool: Executor | None, width: int, *args: Any) -> Iterator[Any]:
+    """``fn(item, *args)`` for each item, up to ``2 * width`` in flight in ``pool``, in input order."""
+    if pool is None:
+        for item in items:
+            yield fn(item, *args)
         return
+    pending: deque = deque()
     try:
-        os.fsync(fd)
+        for item in items:
+            pending.append(pool.submit(fn, item, *args))
+            if len(pending) >= 2 * width:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
     finally:
-        os.close(fd)
+        for fut in pending:
+            fut.cancel()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(type(o))
-
-
-def _normalise(obj: Any) -> Any:
-    """JSON round trip, so headers compare equal however they were built (tuples vs lists)."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
-
-
-def _sha256_files(files: Iterable[Path], root: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    total = 0
-    for f in sorted(files):
-        h.update(str(f.relative_to(root)).encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-                total += len(block)
-    return h.hexdigest(), total
-
-
-def shard_name(k: int) -> str:
-    return f"{k:06d}"
-
-
-def safe_member_key(key: str) -> str:
-    """Sample key -> a webdataset-safe key: no dots (webdataset splits the extension at the
-    first dot of the base name) and no '#'."""
-    return key.replace("%", "%25").replace(".", "%2E").replace("#", "%23")
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 # --------------------------------------------------------------------------------------------
-# writer
-
-
-def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            d = _first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else k)
-            if d:
-                return d
-        return None
-    if old != new:
-        return f"{path}: {json.dumps(old, default=str)[:80]} vs {json.dumps(new, default=str)[:80]}"
-    return None
+# writing
 
 
 class CacheWriter:
-    """Creates or reopens a cache; writes whole work shards atomically. Safe to use from many
-    independent jobs at once, as long as each shard is written by one job."""
+    """Creates a cache or re-opens one made with the same configuration; writes whole work
+    shards atomically (see the module docstring). Independent jobs may share a cache as long as
+    each shard is written by one job."""
 
-    def __init__(self, path: str | os.PathLike, fmt: str, header: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike, fmt: str, header: dict[str, Any], encode_workers: int | None = None) -> None:
         if fmt not in FORMATS:
             raise CacheError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
         self.root = Path(path)
         self.fmt = fmt
-        self.header = _normalise(header)
-        self.num_shards = int(self.header["num_shards"])
-        self.teachers = [t["name"] for t in self.header["teachers"]]
-        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        self.header = normalise(header)
+        self.geometry = Geometry.from_header(self.header)
+        try:
+            self.num_shards = int(self.header["num_shards"])
+            self.images_per_shard = int(self.header["images_per_shard"])
+            self.regions_per_image = int(self.header["regions_per_image"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"cache header: missing or bad field {e!r}; build it with dad.pipeline.cache_teachers.build_header") from None
+        # Pillow's PNG encoder holds the GIL (~10 MB/s at level 6), so a pool of processes
+        # encodes samples in parallel; 1 encodes in the calling thread
+        self.encode_workers = _default_encode_workers() if encode_workers is None else max(1, int(encode_workers))
+        self._pool: ProcessPoolExecutor | None = None
+        self._base = {"format_name": FORMAT_NAME, "format_version": FORMAT_VERSION, "format": fmt,
+                      "header": self.header, "encoding": normalise(codecs.encoding_description(self.geometry.rgb_codec))}
+        if self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"{self.root}: exists and is not a folder; use a new --output")
+        (self.root / SHARDS).mkdir(parents=True, exist_ok=True)
         manifest_path = self.root / MANIFEST
-        if manifest_path.exists():
-            existing = read_manifest(self.root)
-            if existing.get("format") != fmt:
-                raise CacheError(f"{self.root}: exists as a {existing.get('format')} cache; use --format {existing.get('format')} or a new --output")
-            diff = _first_difference(existing["header"], self.header)
+        if not manifest_path.exists():
+            # racing jobs write identical bytes, so whichever rename lands last changes nothing
+            write_atomic(manifest_path, canonical_json({**self._base, "complete": False}))
+        existing = read_manifest(self.root)
+        for part in ("format", "header", "encoding"):  # the most telling difference first
+            diff = first_difference(existing.get(part), self._base[part], part)
             if diff:
-                raise CacheError(f"{self.root}: exists with a different configuration ({diff}); use a new --output or delete it")
-        else:
-            write_json_atomic(manifest_path, {"format_version": FORMAT_VERSION, "format": fmt, "header": self.header,
-                                              "complete": False})
+                break
+        if diff:
+            raise CacheError(f"{self.root}: exists with a different configuration ({diff}); use a new --output or delete it")
+
+    def _encoder_pool(self) -> ProcessPoolExecutor | None:
+        if self.encode_workers <= 1:
+            return None
+        if self._pool is None:
+            # spawn: the caller has threads (and maybe CUDA), which fork does not carry safely
+            self._pool = ProcessPoolExecutor(self.encode_workers, mp_context=multiprocessing.get_context("spawn"))
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the encoder processes (also done at exit); the writer can still be used after."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_shard(self, shard_index: int) -> int:
+        k = int(shard_index)
+        if not 0 <= k < self.num_shards:
+            raise CacheError(f"{self.root}: shard {shard_index} out of range; the cache has {self.num_shards} shards (0..{self.num_shards - 1})")
+        return k
 
     def is_complete(self, shard_index: int) -> bool:
-        return (self.root / "shards" / f"{shard_name(shard_index)}.json").exists()
-
-    def _clean_leftovers(self, name: str) -> None:
-        """A killed writer of this shard may have left temporary files: they are ours to remove."""
-        for p in (self.root / "shards").glob(f".{name}.*"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return record_path(self.root, self._check_shard(shard_index)).is_file()
 
     def write_shard(self, shard_index: int, samples: Iterable[CacheSample], skipped: Sequence[SkippedInput]) -> dict[str, Any]:
-        name = shard_name(shard_index)
-        self._clean_leftovers(name)
-        shards = self.root / "shards"
-        suffix = ".zarr" if self.fmt == "zarr" else ".tar"
-        tmp = shards / f".{name}{suffix}.tmp{os.getpid()}"
-        final = shards / f"{name}{suffix}"
-        if final.exists():  # stored by a killed run whose record was never written
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        max_samples = int(self.header["images_per_shard"]) * int(self.header["regions_per_image"])
+        """Consume ``samples`` in order, store them and publish the shard; returns its record.
+        If ``samples`` raises, nothing of the shard becomes visible and the error propagates."""
+        k = self._check_shard(shard_index)
+        shards = self.root / SHARDS
+        for stale in leftover_temps(self.root, k):  # a killed writer's temporary files
+            _remove(stale)
+        final = shards / payload_name(k, self.fmt)
+        tmp = shards / temp_name(k, self.fmt)
+        max_samples = self.images_per_shard * self.regions_per_image
+
+        def encoded() -> Iterator[EncodedSample]:
+            count = 0
+            for e in _ordered_map(encode_sample, samples, self._encoder_pool(), self.encode_workers, self.geometry):
+                count += 1
+                if count > max_samples:
+                    raise CacheError(f"shard {k}: more than {max_samples} samples (images_per_shard x regions_per_image); "
+                                     "the samples do not match the header")
+                yield e
+
+        try:
+            if self.fmt == "zarr":
+                stored = write_zarr_shard(tmp, encoded(), self.geometry)
+                kinds = {f"{payload_name(k, 'zarr')}/{rel}": kind_of(rel) for rel in stored["files"]}
+                files = {f"{payload_name(k, 'zarr')}/{rel}": v for rel, v in stored["files"].items()}
+                for d, _, _ in os.walk(tmp, topdown=False):  # new directory entries reach the disk too
+                    fsync_dir(Path(d))
+            else:
+                stored = write_tar_shard(tmp, encoded(), self.geometry)
+                files = {payload_name(k, "webdataset"): stored["files"][tmp.name]}
+                kinds = {}
+            keys = [m["key"] for m in stored["metas"]]
+            if len(set(keys)) != len(keys):
+                raise CacheError(f"shard {k}: sample keys repeat; every (image, region) must appear once")
+            if final.exists() or final.is_symlink():
+                _remove(final)  # published by a killed run that never wrote the record
+            os.replace(tmp, final)
+        except BaseException:
+            if tmp.exists():
+                _remove(tmp)
+            raise
+        fsync_dir(shards)
+        bytes_by_kind = dict.fromkeys(KINDS, 0)
         if self.fmt == "zarr":
-            stats = _write_zarr_shard(tmp, samples, self.header, self.teachers, max_samples)
+            for name, v in files.items():
+                bytes_by_kind[kinds[name]] += v["bytes"]
         else:
-            stats = _write_tar_shard(tmp, samples, self.header, self.teachers)
-        os.replace(tmp, final)
-        _fsync_dir(shards)
-        files = [p for p in final.rglob("*") if p.is_file()] if final.is_dir() else [final]
-        checksum, nbytes = _sha256_files(files, shards)
+            index = stored["tar_index"]
+            for name, n in index["field_bytes"].items():
+                bytes_by_kind[kind_of_field(name)] += n
+            bytes_by_kind["meta"] += files[final.name]["bytes"] - sum(index["field_bytes"].values())  # tar headers
+        n = len(keys)
         record = {
-            "shard": shard_index, "format": self.fmt, "path": final.name, "num_samples": len(stats["keys"]),
-            "bytes": nbytes, "sha256": checksum, "skipped": [s.to_dict() for s in skipped], **stats,
+            "format_version": FORMAT_VERSION, "format": self.fmt, "shard": k, "path": final.name,
+            "num_samples": n, "num_images": len({m["image_key"] for m in stored["metas"]}),
+            "skipped": [s.to_dict() for s in skipped], "keys": keys,
+            "files": files, "bytes": sum(v["bytes"] for v in files.values()), "sha256": combined_checksum(files),
+            "bytes_by_kind": bytes_by_kind,
+            "depth_pixels": n * self.geometry.depth_pixels_per_sample,
+            "feature_values": n * self.geometry.feature_values_per_sample,
+            "rgb_pixels": n * self.geometry.rgb_pixels_per_sample,
         }
-        write_json_atomic(shards / f"{name}.json", record)
+        if self.fmt == "webdataset":
+            record["tar_index"] = {"fields": stored["tar_index"]["fields"], "offsets": stored["tar_index"]["offsets"]}
+        write_atomic(record_path(self.root, k), canonical_json(record, indent=None))
         return record
 
     def finalize(self) -> bool:
-        records = _read_records(self.root)
-        if len(records) < self.num_shards:
+        """When all shards are complete, (re)write manifest.json with the shard list, skipped
+        inputs and totals (a pure function of the records: racing jobs write the same bytes)."""
+        done = recorded_shards(self.root, self.num_shards)
+        if len(done) < self.num_shards:
             return False
-        manifest = read_manifest(self.root)
-        manifest.update(
-            complete=True,
-            shards=[{k: r[k] for k in ("shard", "path", "num_samples", "bytes", "sha256")} for r in records],
-            skipped=[s for r in records for s in r["skipped"]],
-            totals={"samples": sum(r["num_samples"] for r in records), "bytes": sum(r["bytes"] for r in records),
-                    "skipped": sum(len(r["skipped"]) for r in records)},
-        )
-        write_json_atomic(self.root / MANIFEST, manifest)
+        data = canonical_json(build_final_manifest(self.root, self._base, [read_record(self.root, k) for k in done]))
+        path = self.root / MANIFEST
+        if not (path.is_file() and path.read_bytes() == data):
+            write_atomic(path, data)
         return True
 
 
-def create_cache_writer(path: str | os.PathLike, fmt: str, header: dict[str, Any]) -> CacheWriter:
-    return CacheWriter(path, fmt, header)
+def build_final_manifest(root: Path, base: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    shards = []
+    for r in records:
+        raw = record_path(root, r["shard"]).read_bytes()
+        shards.append({"shard": r["shard"], "path": r["path"], "num_samples": r["num_samples"], "num_images": r["num_images"],
+                       "num_skipped": len(r["skipped"]), "bytes": r["bytes"], "sha256": r["sha256"],
+                       "record_sha256": hashlib.sha256(raw).hexdigest()})
+    by_kind = {k: sum(r["bytes_by_kind"].get(k, 0) for r in records) for k in KINDS}
+    totals = {"num_samples": sum(r["num_samples"] for r in records), "num_images": sum(r["num_images"] for r in records),
+              "num_skipped": sum(len(r["skipped"]) for r in records), "bytes": sum(r["bytes"] for r in records),
+              "bytes_by_kind": by_kind, "depth_pixels": sum(r["depth_pixels"] for r in records),
+              "feature_values": sum(r["feature_values"] for r in records), "rgb_pixels": sum(r["rgb_pixels"] for r in records)}
+    return {**base, "complete": True, "shards": shards, "skipped": [s for r in records for s in r["skipped"]], "totals": totals}
 
 
-def _sample_meta(s: CacheSample) -> dict[str, Any]:
-    return {"key": s.key, "image_key": s.image_key, "region_index": s.region_index, "image_size": list(s.image_size),
-            "region_box": s.region_box.tolist(), "patch_boxes": s.patch_boxes.tolist(), "notes": list(s.notes)}
-
-
-def _write_zarr_shard(path: Path, samples: Iterable[CacheSample], header: dict, teachers: list[str], max_samples: int) -> dict:
-    import zarr
-    from zarr.codecs import BloscCodec
-
-    s_size, l_size = int(header["global_crop_size"]), int(header["local_crop_size"])
-    p = int(header["num_patches"])
-    features = bool(header["features"])
-    fgrid, fdim = s_size // 14, int(header.get("feature_dim") or 0)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    block = max(1, min(ZARR_BLOCK, max_samples))
-
-    def make(name: str, shape: tuple[int, ...], dtype: str, typesize: int):
-        compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=typesize)
-        return group.create_array(name, shape=(max_samples, *shape), dtype=dtype, chunks=(1, *shape),
-                                  shards=(block, *shape), compressors=compressor, fill_value=0)
-
-    arrays = {
-        "rgb_region": make("rgb_region", (s_size, s_size, 3), "uint8", 1),
-        "rgb_patches": make("rgb_patches", (p, l_size, l_size, 3), "uint8", 1),
-    }
-    for t in teachers:
-        arrays[f"depth_region/{t}"] = make(f"depth_region/{t}", (s_size, s_size), "uint16", 2)
-        arrays[f"depth_region_range/{t}"] = make(f"depth_region_range/{t}", (2,), "float32", 4)
-        arrays[f"depth_patches/{t}"] = make(f"depth_patches/{t}", (p, l_size, l_size), "uint16", 2)
-        arrays[f"depth_patches_range/{t}"] = make(f"depth_patches_range/{t}", (p, 2), "float32", 4)
-        if features:
-            arrays[f"features/{t}"] = make(f"features/{t}", (fgrid, fgrid, fdim), "float16", 2)
-    metas: list[dict] = []
-    buffers: dict[str, list[np.ndarray]] = {k: [] for k in arrays}
-    written = 0
-
-    def flush() -> None:
-        nonlocal written
-        n = len(buffers["rgb_region"])
-        if not n:
-            return
-        for k, arr in arrays.items():
-            arr[written : written + n] = np.stack(buffers[k])
-            buffers[k].clear()
-        written += n
-
-    for s in samples:
-        if len(metas) >= max_samples:
-            raise CacheError(f"shard receives more than {max_samples} samples; the writer's header does not match the work")
-        metas.append(_sample_meta(s))
-        buffers["rgb_region"].append(s.rgb_region)
-        buffers["rgb_patches"].append(s.rgb_patches)
-        for t in teachers:
-            q, r = quantize_depth(s.depth_region[t])
-            buffers[f"depth_region/{t}"].append(delta_encode(q))
-            buffers[f"depth_region_range/{t}"].append(r)
-            q, r = quantize_depth(s.depth_patches[t])
-            buffers[f"depth_patches/{t}"].append(delta_encode(q))
-            buffers[f"depth_patches_range/{t}"].append(r)
-            if features:
-                buffers[f"features/{t}"].append(s.features[t].astype(np.float16))
-        if len(buffers["rgb_region"]) == block:
-            flush()
-    flush()
-    group.attrs.update({"num_samples": len(metas), "dad_format_version": FORMAT_VERSION})
-    with open(path / "samples.json", "w") as f:
-        json.dump(metas, f, sort_keys=True)
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-
-    def dir_bytes(prefix: str) -> int:
-        return sum(f.stat().st_size for d in path.glob(prefix) for f in d.rglob("*") if f.is_file())
-
-    n = len(metas)
-    return {"keys": [m["key"] for m in metas],
-            "depth_bytes": dir_bytes("depth_region/*") + dir_bytes("depth_patches/*"),
-            "depth_pixels": n * len(teachers) * (s_size * s_size + p * l_size * l_size),
-            "feature_bytes": dir_bytes("features/*") if features else 0,
-            "feature_values": n * len(teachers) * fgrid * fgrid * fdim if features else 0}
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
-    tar.addfile(info, io.BytesIO(data))
-    padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # the data ends the member, padded
-    return tar.offset - padded, len(data)
-
-
-def _write_tar_shard(path: Path, samples: Iterable[CacheSample], header: dict, teachers: list[str]) -> dict:
-    codec = header["rgb_codec"]
-    ext = rgb_extension(codec)
-    features = bool(header["features"])
-    members: dict[str, dict[str, list[int]]] = {}
-    keys: list[str] = []
-    depth_bytes = depth_pixels = feature_bytes = feature_values = 0
-    with open(path, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for s in samples:
-                base = safe_member_key(s.key)
-                entry: dict[str, list[int]] = {}
-                entry["json"] = list(_tar_add(tar, f"{base}.json", json.dumps(_sample_meta(s), sort_keys=True).encode()))
-                entry["rgb_region"] = list(_tar_add(tar, f"{base}.rgb_region.{ext}", encode_rgb(s.rgb_region, codec)))
-                for i, patch in enumerate(s.rgb_patches):
-                    entry[f"rgb_patch{i}"] = list(_tar_add(tar, f"{base}.rgb_patch{i}.{ext}", encode_rgb(patch, codec)))
-                for t in teachers:
-                    blob = encode_depth_blob(s.depth_region[t])
-                    entry[f"depth_region.{t}"] = list(_tar_add(tar, f"{base}.depth_region.{t}.dz", blob))
-                    blob2 = encode_depth_blob(s.depth_patches[t])
-                    entry[f"depth_patches.{t}"] = list(_tar_add(tar, f"{base}.depth_patches.{t}.dz", blob2))
-                    depth_bytes += len(blob) + len(blob2)
-                    depth_pixels += s.depth_region[t].size + s.depth_patches[t].size
-                    if features:
-                        fb = encode_features(s.features[t])
-                        entry[f"features.{t}"] = list(_tar_add(tar, f"{base}.features.{t}.f16z", fb))
-                        feature_bytes += len(fb)
-                        feature_values += s.features[t].size
-                members[s.key] = entry
-                keys.append(s.key)
-        raw.flush()
-        os.fsync(raw.fileno())
-    return {"keys": keys, "members": members, "depth_bytes": depth_bytes, "depth_pixels": depth_pixels,
-            "feature_bytes": feature_bytes, "feature_values": feature_values}
+def create_cache_writer(path: str | os.PathLike, fmt: str, header: dict[str, Any], encode_workers: int | None = None) -> CacheWriter:
+    """Create the cache at ``path`` (or re-open it when its manifest has the same configuration;
+    any difference raises CacheError naming the first differing field). ``encode_workers``:
+    processes encoding samples (default: the CPUs this job may use - 1, at most 8; 1 = none)."""
+    return CacheWriter(path, fmt, header, encode_workers=encode_workers)
 
 
 # --------------------------------------------------------------------------------------------
-# reader
+# reading
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise CacheError(f"{root}: not a dad cache (no {MANIFEST}); make one with `dad cache-teachers`")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CacheError(f"{path}: unreadable manifest ({e}); re-run `dad cache-teachers` with the same options") from None
+class _LRU(OrderedDict):
+    """Small least-recently-used map; evicted values are closed when they can be."""
 
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
 
-def _read_records(root: Path) -> list[dict[str, Any]]:
-    records = []
-    for p in sorted((Path(root) / "shards").glob("[0-9]*.json")):
-        try:
-            records.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CacheError(f"{p}: unreadable shard record ({e}); delete it and re-run `dad cache-teachers` to redo the shard") from None
-    return sorted(records, key=lambda r: r["shard"])
+    def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.size:
+            _, old = self.popitem(last=False)
+            if hasattr(old, "close"):
+                old.close()
+        return value
+
+    def close_all(self) -> None:
+        for value in self.values():
+            if hasattr(value, "close"):
+                value.close()
+        self.clear()
 
 
 class TeacherCache:
-    """Random access to the complete samples of one cache, either format. Opens shard files
-    lazily and re-opens them in a new process (safe in DataLoader workers, fork or spawn)."""
+    """Random access to the complete samples of one cache, either format. Shard files are
+    opened on first use (at most ``max_open_shards`` at a time) and never shared between
+    processes: after a fork or unpickling the cache re-opens them, so it is safe in DataLoader
+    workers under fork, spawn or forkserver. zarr-python is not used for reading (plain
+    ``pread`` of the shard files), so there is no zarr state to break in a forked child."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, max_open_shards: int = 16) -> None:
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         self.format = self.manifest["format"]
-        self.records = _read_records(self.root)
-        self._starts = np.cumsum([0] + [r["num_samples"] for r in self.records])
-        self._handles: dict[int, Any] = {}
+        if self.format not in FORMATS:
+            raise CacheError(f"{self.root / MANIFEST}: unknown storage format {self.format!r}; this dad reads {', '.join(FORMATS)}")
+        self.geometry = Geometry.from_header(self.manifest["header"])
+        self.num_shards = int(self.manifest["header"]["num_shards"])
+        if self.manifest.get("complete"):
+            summaries = self.manifest["shards"]
+        else:  # still being written: what is complete now
+            summaries = [read_record(self.root, k) for k in recorded_shards(self.root, self.num_shards)]
+        self._shards = [int(s["shard"]) for s in summaries]
+        self._paths = [str(s["path"]) for s in summaries]
+        self._starts = np.cumsum([0] + [int(s["num_samples"]) for s in summaries])
+        self.max_open_shards = max_open_shards
         self._pid = os.getpid()
+        self._readers = _LRU(max_open_shards)
+        self._records = _LRU(4 * max_open_shards)
 
+    # -- description
     @property
     def config(self) -> dict[str, Any]:
+        """The header the cache was created with (sizes, teachers, generation settings)."""
         return self.manifest["header"]
 
     @property
     def teachers(self) -> list[str]:
-        return [t["name"] for t in self.config["teachers"]]
+        return list(self.geometry.teachers)
 
     @property
     def complete_shards(self) -> list[int]:
-        return [r["shard"] for r in self.records]
+        return list(self._shards)
 
     @property
     def is_complete(self) -> bool:
-        return len(self.records) == int(self.config["num_shards"])
+        return len(self._shards) == self.num_shards
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def keys(self) -> list[str]:
-        return [k for r in self.records for k in r["keys"]]
+    def __repr__(self) -> str:
+        return (f"TeacherCache({str(self.root)!r}, {self.format}, {len(self)} samples, teachers {self.teachers}, "
+                f"{len(self._shards)}/{self.num_shards} shards)")
 
+    # -- locating
     def _locate(self, index: int) -> tuple[int, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} out of range (cache has {len(self)})")
-        pos = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return pos, index - int(self._starts[pos])
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {index} out of range: {self.root} has {len(self)} samples")
+        pos = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return pos, i - int(self._starts[pos])
 
     def shard_of(self, index: int) -> int:
-        return self.records[self._locate(index)[0]]["shard"]
+        return self._shards[self._locate(index)[0]]
+
+    def record(self, shard: int) -> dict[str, Any]:
+        self._check_process()
+        return self._records.get_or_make(shard, lambda: read_record(self.root, shard))
+
+    def keys(self) -> list[str]:
+        return [k for shard in self._shards for k in self.record(shard)["keys"]]
+
+    def key(self, index: int) -> str:
+        pos, j = self._locate(index)
+        return self.record(self._shards[pos])["keys"][j]
+
+    # -- process safety
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:  # forked: the parent's descriptors are not ours to use
+            self._readers = _LRU(self.max_open_shards)
+            self._records = _LRU(4 * self.max_open_shards)
+            self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        del state["_readers"], state["_records"]  # open files stay with this process
         return state
 
-    def _handle(self, pos: int) -> Any:
-        if os.getpid() != self._pid:  # forked: never reuse the parent's open files
-            self._handles, self._pid = {}, os.getpid()
-        if pos not in self._handles:
-            path = self.root / "shards" / self.records[pos]["path"]
-            if self.format == "zarr":
-                import zarr
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._readers = _LRU(self.max_open_shards)
+        self._records = _LRU(4 * self.max_open_shards)
+        self._pid = os.getpid()
 
-                self._handles[pos] = (zarr.open_group(str(path), mode="r"), json.loads((path / "samples.json").read_text()))
-            else:
-                self._handles[pos] = open(path, "rb")
-        return self._handles[pos]
+    def close(self) -> None:
+        if os.getpid() == self._pid:
+            self._readers.close_all()
+
+    def _reader(self, pos: int):
+        self._check_process()
+        shard = self._shards[pos]
+
+        def make():
+            path = self.root / SHARDS / self._paths[pos]
+            if not path.exists():
+                raise CacheError(f"{path}: payload of complete shard {shard} is missing; run `dad cache-verify {self.root}`")
+            if self.format == "zarr":
+                return ZarrShardReader(path, self.geometry)
+            return TarShardReader(path, self.record(shard), self.geometry)
+
+        return self._readers.get_or_make(shard, make)
+
+    # -- samples
+    def _teacher_names(self, teachers: Sequence[str] | None) -> list[str]:
+        if teachers is None:
+            return self.teachers
+        names = [teachers] if isinstance(teachers, str) else list(teachers)
+        unknown = [t for t in names if t not in self.geometry.teachers]
+        if unknown:
+            raise CacheError(f"{self.root}: no teacher {unknown[0]!r} in this cache (it has {', '.join(self.teachers)})")
+        return names
 
     def get(self, index: int, teachers: Sequence[str] | None = None, features: bool = True) -> CacheSample:
+        """Sample ``index`` with the outputs of ``teachers`` (default all); features only when
+        asked and cached. Decodes nothing else."""
+        names = self._teacher_names(teachers)
         pos, j = self._locate(index)
-        names = list(teachers) if teachers is not None else self.teachers
-        unknown = [t for t in names if t not in self.teachers]
-        if unknown:
-            raise CacheError(f"{self.root}: no teacher {unknown[0]!r} in this cache (has {', '.join(self.teachers)})")
-        want_features = features and bool(self.config["features"])
-        if self.format == "zarr":
-            return self._get_zarr(pos, j, names, want_features)
-        return self._get_tar(pos, j, names, want_features)
-
-    def _get_zarr(self, pos: int, j: int, names: list[str], want_features: bool) -> CacheSample:
-        group, metas = self._handle(pos)
-        meta = metas[j]
-        depth_region, depth_patches, feats = {}, {}, {}
-        for t in names:
-            depth_region[t] = dequantize_depth(delta_decode(group[f"depth_region/{t}"][j]), group[f"depth_region_range/{t}"][j])
-            depth_patches[t] = dequantize_depth(delta_decode(group[f"depth_patches/{t}"][j]), group[f"depth_patches_range/{t}"][j])
-            if want_features:
-                feats[t] = group[f"features/{t}"][j]
-        return self._sample(meta, group["rgb_region"][j], group["rgb_patches"][j], depth_region, depth_patches, feats)
-
-    def _read_member(self, pos: int, where: list[int]) -> bytes:
-        f = self._handle(pos)
-        f.seek(where[0])
-        return f.read(where[1])
-
-    def _get_tar(self, pos: int, j: int, names: list[str], want_features: bool) -> CacheSample:
-        record = self.records[pos]
-        key = record["keys"][j]
-        entry = record["members"][key]
-        meta = json.loads(self._read_member(pos, entry["json"]))
-        rgb = decode_rgb(self._read_member(pos, entry["rgb_region"]))
-        n_patches = len(meta["patch_boxes"])
-        patches = np.stack([decode_rgb(self._read_member(pos, entry[f"rgb_patch{i}"])) for i in range(n_patches)])
-        depth_region = {t: decode_depth_blob(self._read_member(pos, entry[f"depth_region.{t}"])) for t in names}
-        depth_patches = {t: decode_depth_blob(self._read_member(pos, entry[f"depth_patches.{t}"])) for t in names}
-        feats = {t: decode_features(self._read_member(pos, entry[f"features.{t}"])) for t in names} if want_features else {}
-        return self._sample(meta, rgb, patches, depth_region, depth_patches, feats)
-
-    @staticmethod
-    def _sample(meta, rgb, patches, depth_region, depth_patches, feats) -> CacheSample:
-        return CacheSample(
-            key=meta["key"], image_key=meta["image_key"], region_index=int(meta["region_index"]),
-            image_size=tuple(meta["image_size"]), region_box=np.asarray(meta["region_box"], np.float32),
-            patch_boxes=np.asarray(meta["patch_boxes"], np.float32).reshape(-1, 4), rgb_region=np.asarray(rgb),
-            rgb_patches=np.asarray(patches), depth_region=depth_region, depth_patches=depth_patches,
-            features=feats, notes=tuple(meta["notes"]),
-        )
+        try:
+            return self._reader(pos).sample(j, names, features and self.geometry.features)
+        except CacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a decoder failing on stored bytes means a damaged shard
+            raise CacheError(f"{self.root}: sample {index} (shard {self._shards[pos]}) does not decode ({type(e).__name__}: {e}); "
+                             f"run `dad cache-verify {self.root}`") from e
 
     def __getitem__(self, index: int) -> CacheSample:
         return self.get(index)
@@ -475,25 +432,48 @@ class TeacherCache:
         for i in range(len(self)):
             yield self.get(i)
 
+    def teachers_of(self, index: int) -> list[str]:
+        self._locate(index)
+        return self.teachers
+
+    def indices_with_teacher(self, name: str) -> np.ndarray:
+        return np.arange(len(self)) if name in self.geometry.teachers else np.zeros(0, dtype=np.int64)
+
 
 class CacheConcat:
-    """Several caches read as one (``dad train --cache A --cache B``); teachers are the union,
-    and a sample carries the outputs of its own cache's teachers."""
+    """Several caches read as one (``dad train --cache A --cache B``). Teachers are the union;
+    a sample carries only its own cache's teachers (asked-for teachers it lacks are left out).
+    The caches must agree on view sizes, patch count and features."""
+
+    SHARED = ("global_crop_size", "local_crop_size", "num_patches", "features", "feature_dim")
 
     def __init__(self, caches: Sequence[TeacherCache]) -> None:
+        if not caches:
+            raise CacheError("no cache given; pass --cache at least once")
         self.caches = list(caches)
-        self._starts = np.cumsum([0] + [len(c) for c in self.caches])
-        first = self.caches[0].config
+        first = self.caches[0]
         for c in self.caches[1:]:
-            for k in ("global_crop_size", "local_crop_size", "num_patches", "features", "feature_dim"):
-                if c.config.get(k) != first.get(k):
-                    raise CacheError(f"{c.root}: {k} is {c.config.get(k)}, but {self.caches[0].root} has {first.get(k)}; "
-                                     "caches trained together must share view sizes and features")
+            for k in self.SHARED:
+                if c.config.get(k) != first.config.get(k):
+                    raise CacheError(f"{c.root}: {k} is {c.config.get(k)}, but {first.root} has {first.config.get(k)}; "
+                                     "caches trained together must share view sizes, patches and features")
+            for t in c.config["teachers"]:
+                for u in first.config["teachers"]:
+                    if t["name"] == u["name"] and t["sha256"] != u["sha256"]:
+                        raise CacheError(f"{c.root}: teacher {t['name']!r} is a different checkpoint than in {first.root}; "
+                                         "re-cache one of them with another teacher NAME")
+        self._starts = np.cumsum([0] + [len(c) for c in self.caches])
+        self._shard_offsets = np.cumsum([0] + [c.num_shards for c in self.caches])
         self.manifest = {"caches": [c.manifest for c in self.caches]}
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.caches[0].config
+        """The first cache's header with the union of teachers, plus every cache's header."""
+        seen: dict[str, dict] = {}
+        for c in self.caches:
+            for t in c.config["teachers"]:
+                seen.setdefault(t["name"], t)
+        return {**self.caches[0].config, "teachers": list(seen.values()), "caches": [c.config for c in self.caches]}
 
     @property
     def teachers(self) -> list[str]:
@@ -502,14 +482,54 @@ class CacheConcat:
             seen += [t for t in c.teachers if t not in seen]
         return seen
 
+    @property
+    def complete_shards(self) -> list[int]:
+        return [int(off) + s for c, off in zip(self.caches, self._shard_offsets) for s in c.complete_shards]
+
+    @property
+    def is_complete(self) -> bool:
+        return all(c.is_complete for c in self.caches)
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def _locate(self, index: int) -> tuple[int, int]:
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {index} out of range: the caches hold {len(self)} samples")
+        pos = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return pos, i - int(self._starts[pos])
+
+    def shard_of(self, index: int) -> int:
+        """Shard number counted across the caches (cache c's shards follow cache c-1's)."""
+        pos, j = self._locate(index)
+        return int(self._shard_offsets[pos]) + self.caches[pos].shard_of(j)
+
+    def keys(self) -> list[str]:
+        return [k for c in self.caches for k in c.keys()]
+
+    def teachers_of(self, index: int) -> list[str]:
+        pos, _ = self._locate(index)
+        return self.caches[pos].teachers
+
+    def indices_with_teacher(self, name: str) -> np.ndarray:
+        parts = [np.arange(self._starts[i], self._starts[i + 1]) for i, c in enumerate(self.caches) if name in c.teachers]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
     def get(self, index: int, teachers: Sequence[str] | None = None, features: bool = True) -> CacheSample:
-        pos = int(np.searchsorted(self._starts, index, side="right")) - 1
+        pos, j = self._locate(index)
         cache = self.caches[pos]
-        names = [t for t in (teachers or cache.teachers) if t in cache.teachers]
-        return cache.get(index - int(self._starts[pos]), names, features)
+        if teachers is None:
+            names = cache.teachers
+        else:
+            wanted = [teachers] if isinstance(teachers, str) else list(teachers)
+            unknown = [t for t in wanted if t not in self.teachers]
+            if unknown:
+                raise CacheError(f"no teacher {unknown[0]!r} in the caches (they have {', '.join(self.teachers)})")
+            names = [t for t in wanted if t in cache.teachers]
+        return cache.get(j, names, features)
 
     def __getitem__(self, index: int) -> CacheSample:
         return self.get(index)
@@ -518,16 +538,23 @@ class CacheConcat:
         for i in range(len(self)):
             yield self.get(i)
 
+    def close(self) -> None:
+        for c in self.caches:
+            c.close()
+
 
 def open_cache(path: str | os.PathLike) -> TeacherCache:
-    cache = TeacherCache(path)
-    if len(cache) == 0:
-        raise CacheError(f"{path}: holds no complete shard yet; run or finish `dad cache-teachers`")
-    return cache
+    """A reader over the complete shards of the cache at ``path`` (either format)."""
+    return TeacherCache(path)
 
 
-def open_caches(paths: Sequence[str | os.PathLike]) -> TeacherCache | CacheConcat:
+def open_caches(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> TeacherCache | CacheConcat:
+    """One cache, or several read as one (``CacheConcat``); each must hold a complete shard."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     caches = [open_cache(p) for p in paths]
+    for c in caches:
+        if len(c) == 0:
+            raise CacheError(f"{c.root}: holds no complete sample yet ({len(c.complete_shards)}/{c.num_shards} shards); "
+                             "run or finish `dad cache-teachers`")
     return caches[0] if len(caches) == 1 else CacheConcat(caches)

@@ -1,0 +1,153 @@
+"""A CacheSample <-> its encoded parts, independent of the storage format: both formats store
+exactly these bytes, so they decode to identical values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from dad.cache import codecs
+from dad.cache.schema import CacheSample
+from dad.errors import CacheError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes every sample of a cache has, from its header."""
+
+    region_size: int  # S
+    patch_size: int  # L
+    num_patches: int  # P
+    teachers: tuple[str, ...]
+    features: bool
+    feature_dim: int  # D (0 without features)
+    feature_grid: int  # S / ViT patch size
+    rgb_codec: str
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> "Geometry":
+        try:
+            teachers = tuple(t["name"] for t in header["teachers"])
+            vit_patch = int(header["teachers"][0].get("arch", {}).get("patch_size", 14)) if teachers else 14
+            s, l_, p = int(header["global_crop_size"]), int(header["local_crop_size"]), int(header["num_patches"])
+            features = bool(header["features"])
+            dim = int(header["feature_dim"] or 0) if features else 0
+            rgb_codec = str(header["rgb_codec"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CacheError(f"cache header is missing or has a bad field ({e!r}); it must come from "
+                             "dad.pipeline.cache_teachers.build_header") from None
+        if not teachers or len(set(teachers)) != len(teachers):
+            raise CacheError(f"cache header: teacher names {list(teachers)} must be non-empty and distinct")
+        if min(s, l_, p) < 1 or (features and dim < 1):
+            raise CacheError(f"cache header: sizes S={s}, L={l_}, P={p}, D={dim} must be positive")
+        codecs.rgb_extension(rgb_codec)
+        return cls(s, l_, p, teachers, features, dim, s // vit_patch, rgb_codec)
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        return (self.feature_grid, self.feature_grid, self.feature_dim)
+
+    @property
+    def depth_pixels_per_sample(self) -> int:
+        return len(self.teachers) * (self.region_size ** 2 + self.num_patches * self.patch_size ** 2)
+
+    @property
+    def feature_values_per_sample(self) -> int:
+        return len(self.teachers) * int(np.prod(self.feature_shape)) if self.features else 0
+
+    @property
+    def rgb_pixels_per_sample(self) -> int:
+        return self.region_size ** 2 + self.num_patches * self.patch_size ** 2
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    image_key: str
+    region_index: int
+    image_size: tuple[int, int]
+    region_box: np.ndarray  # float32 (4,)
+    patch_boxes: np.ndarray  # float32 (P, 4)
+    notes: tuple[str, ...]
+    rgb_region: bytes
+    rgb_patches: list[bytes]
+    depth_region: dict[str, bytes]
+    depth_region_range: dict[str, np.ndarray]  # float32 (2,)
+    depth_patches: dict[str, bytes]
+    depth_patches_range: dict[str, np.ndarray]  # float32 (P, 2)
+    features: dict[str, bytes] = field(default_factory=dict)
+
+    def meta(self) -> dict[str, Any]:
+        """The small per-sample values, JSON-ready (float32 values survive a JSON round trip)."""
+        return {
+            "key": self.key, "image_key": self.image_key, "region_index": int(self.region_index),
+            "image_size": [int(v) for v in self.image_size],
+            "region_box": [float(v) for v in self.region_box], "patch_boxes": [[float(v) for v in b] for b in self.patch_boxes],
+            "notes": list(self.notes),
+        }
+
+
+def _check(sample: CacheSample, what: str, arr: Any, shape: tuple[int, ...], kinds: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.shape != shape or a.dtype.kind not in kinds:
+        raise CacheError(f"sample {sample.key}: {what} is {a.dtype} {a.shape}, the cache header needs {shape}; "
+                         "the samples do not match the header given to create_cache_writer")
+    return a
+
+
+def encode_sample(sample: CacheSample, geo: Geometry) -> EncodedSample:
+    """Validate ``sample`` against the cache geometry and encode every part."""
+    s, l_, p = geo.region_size, geo.patch_size, geo.num_patches
+    rgb_region = _check(sample, "rgb_region", sample.rgb_region, (s, s, 3), "u")
+    rgb_patches = _check(sample, "rgb_patches", sample.rgb_patches, (p, l_, l_, 3), "u")
+    region_box = _check(sample, "region_box", sample.region_box, (4,), "fiu").astype(np.float32)
+    patch_boxes = _check(sample, "patch_boxes", sample.patch_boxes, (p, 4), "fiu").astype(np.float32)
+    missing = [t for t in geo.teachers if t not in sample.depth_region or t not in sample.depth_patches
+               or (geo.features and t not in sample.features)]
+    if missing:
+        raise CacheError(f"sample {sample.key}: no outputs of teacher(s) {', '.join(missing)}; every sample needs every "
+                         "teacher of the header (depth, and features when the cache has features)")
+    out = EncodedSample(
+        key=str(sample.key), image_key=str(sample.image_key), region_index=int(sample.region_index),
+        image_size=(int(sample.image_size[0]), int(sample.image_size[1])), region_box=region_box,
+        patch_boxes=patch_boxes, notes=tuple(str(n) for n in sample.notes),
+        rgb_region=codecs.encode_rgb(rgb_region.astype(np.uint8, copy=False), geo.rgb_codec),
+        rgb_patches=[codecs.encode_rgb(x.astype(np.uint8, copy=False), geo.rgb_codec) for x in rgb_patches],
+        depth_region={}, depth_region_range={}, depth_patches={}, depth_patches_range={},
+    )
+    for t in geo.teachers:
+        try:
+            d_reg = _check(sample, f"depth_region[{t}]", sample.depth_region[t], (s, s), "f")
+            d_pat = _check(sample, f"depth_patches[{t}]", sample.depth_patches[t], (p, l_, l_), "f")
+            out.depth_region[t], out.depth_region_range[t] = codecs.encode_depth(d_reg)
+            out.depth_patches[t], out.depth_patches_range[t] = codecs.encode_depth(d_pat)
+        except CacheError as e:
+            if str(e).startswith("sample "):
+                raise
+            raise CacheError(f"sample {sample.key}, teacher {t}: {e}") from None
+        if geo.features:
+            f = _check(sample, f"features[{t}]", sample.features[t], geo.feature_shape, "f")
+            out.features[t] = codecs.encode_features(f)
+    return out
+
+
+def decode_parts(meta: dict[str, Any], rgb_region: bytes, rgb_patches: Sequence[bytes],
+                 depth: dict[str, tuple[bytes, np.ndarray, bytes, np.ndarray]], features: dict[str, bytes],
+                 geo: Geometry) -> CacheSample:
+    """Stored parts -> CacheSample. ``depth``: teacher -> (region bytes, region range (2,),
+    patches bytes, patches ranges (P, 2))."""
+    s, l_, p = geo.region_size, geo.patch_size, geo.num_patches
+    return CacheSample(
+        key=meta["key"], image_key=meta["image_key"], region_index=int(meta["region_index"]),
+        image_size=(int(meta["image_size"][0]), int(meta["image_size"][1])),
+        region_box=np.asarray(meta["region_box"], np.float32).reshape(4),
+        patch_boxes=np.asarray(meta["patch_boxes"], np.float32).reshape(p, 4),
+        rgb_region=codecs.decode_rgb(rgb_region),
+        rgb_patches=np.stack([codecs.decode_rgb(b) for b in rgb_patches]) if p else np.zeros((0, l_, l_, 3), np.uint8),
+        depth_region={t: codecs.decode_depth(v[0], (s, s), v[1]) for t, v in depth.items()},
+        depth_patches={t: codecs.decode_depth(v[2], (p, l_, l_), v[3]) for t, v in depth.items()},
+        features={t: codecs.decode_features(b, geo.feature_shape) for t, b in features.items()},
+        notes=tuple(meta.get("notes", ())),
+    )
