@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dad.cache.codecs import rgb_extension, roundtrip_rgb
 from dad.cache.schema import FORMATS, CacheSample, SkippedInput, sample_key
 from dad.errors import ConfigError, DataError
 from dad.infer import resolve_device
@@ -52,7 +53,6 @@ from dad.utils.progress import Progress
 # 0.5-1 GB per tar.
 DEFAULT_SHARD_SIZE = {"zarr": 256, "webdataset": 128}
 FEATURE_SEED = 0  # seed of the orthogonal feature projection (recorded in the header)
-LOSSLESS_CODECS = ("png",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,15 +180,18 @@ class PreparedImage:
     key: str
     image_size: tuple[int, int] = (0, 0)
     plans: list = field(default_factory=list)
-    region_views: np.ndarray | None = None  # uint8 (R, S, S, 3)
+    region_views: np.ndarray | None = None  # uint8 (R, S, S, 3): the pixels handed to the writer
     patches: np.ndarray | None = None  # uint8 (R, P, L, L, 3)
     skipped: SkippedInput | None = None
+    # what the teacher is fed: the writer's pixels after the RGB codec's round trip, i.e. exactly
+    # what a reader of the cache decodes (None: a lossless codec, the same arrays as above)
+    teacher_region_views: np.ndarray | None = None
+    teacher_patches: np.ndarray | None = None
 
-
-def _round_trip(pixels: np.ndarray, codec: str) -> np.ndarray:
-    from dad.cache.codecs import decode_rgb, encode_rgb
-
-    return decode_rgb(encode_rgb(pixels, codec))
+    def teacher_views(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.teacher_region_views is None:
+            return self.region_views, self.patches
+        return self.teacher_region_views, self.teacher_patches
 
 
 def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int, min_region: int,
@@ -214,10 +217,13 @@ def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int
     views = [extract_views(pil, plan, global_crop_size, local_crop_size) for plan in out.plans]
     region_views = np.stack([v for v, _ in views])
     patch_views = np.stack([p for _, p in views])
-    if rgb_codec not in LOSSLESS_CODECS:  # the teacher must see the pixels the cache will hold
-        region_views = np.stack([_round_trip(v, rgb_codec) for v in region_views])
-        patch_views = np.stack([[_round_trip(p, rgb_codec) for p in ps] for ps in patch_views])
     out.region_views, out.patches = region_views, patch_views
+    if rgb_extension(rgb_codec) != "png":  # a lossy codec
+        # The writer encodes these pixels once; the cache then holds decode(encode(pixels)), so
+        # that is what the teacher sees (handing the writer already-decoded pixels instead would
+        # store a second generation of the lossy codec, which differs from the first).
+        out.teacher_region_views = np.stack([roundtrip_rgb(v, rgb_codec) for v in region_views])
+        out.teacher_patches = np.stack([[roundtrip_rgb(p, rgb_codec) for p in ps] for ps in patch_views])
     return out
 
 
@@ -368,10 +374,12 @@ def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], fe
     region_views = np.concatenate([g.region_views for g in good])  # (B*R, S, S, 3)
     patch_views = np.concatenate([g.patches for g in good])  # (B*R, P, L, L, 3)
     num_regions, num_patches = patch_views.shape[:2]
-    flat_patches = patch_views.reshape(-1, *patch_views.shape[2:])
+    seen = [g.teacher_views() for g in good]
+    teacher_regions = np.concatenate([r for r, _ in seen])
+    teacher_patches = np.concatenate([p for _, p in seen]).reshape(-1, *patch_views.shape[2:])
     outputs = {}
     for t in teachers:
-        d_region, d_patches, feats = t.predict(region_views, flat_patches, features)
+        d_region, d_patches, feats = t.predict(teacher_regions, teacher_patches, features)
         outputs[t.name] = (d_region, d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:]), feats)
     samples = []
     row = 0
@@ -432,8 +440,7 @@ def cache_teachers(
         raise ConfigError(f"--shard-size {shard_size}: must be >= 1 images per shard")
     if features and feature_dim < 1:
         raise ConfigError(f"--feature-dim {feature_dim}: must be >= 1 (or use --no-features)")
-    if rgb_codec not in LOSSLESS_CODECS:
-        _round_trip(np.zeros((14, 14, 3), np.uint8), rgb_codec)  # an unknown codec fails now, not per image
+    rgb_extension(rgb_codec)  # an unknown codec fails now, naming --rgb-codec, not once per image
     split = resolve_work_split(num_shards, shard_index)
 
     log = (lambda msg: print(f"cache-teachers: {msg}", file=sys.stderr, flush=True)) if show_progress else (lambda msg: None)

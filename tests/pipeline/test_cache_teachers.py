@@ -1,0 +1,257 @@
+"""Stage 1 end to end: two tiny teachers over a folder of small images with broken files, both
+storage formats; split into parts, killed and resumed, re-run: always the same content."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dad.cache import open_cache
+from dad.cache.codecs import depth_error_bound, roundtrip_rgb
+from dad.models import DepthAnythingV2, load_depth_model, save_depth_model
+from dad.pipeline.cache_teachers import cache_teachers
+from dad.pipeline.grid import extract_views, plan_regions
+from dad.pipeline.teachers import Teacher, parse_teacher_spec
+from dad.utils.images import load_rgb
+from tests.conftest import TINY_JSON, TINY_SAFETENSORS, make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+# region view = patch size: one forward per teacher per batch (the S != L path runs in the jpeg test)
+GRID = dict(global_crop_size=42, local_crop_size=42, min_region=56, regions_per_image=1, patches="2x2",
+            feature_dim=16, grid_seed=3)
+BAD = {"empty.jpg", "broken/truncated.jpg", "notes_really.jpg"}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("teachers")
+    alpha = save_depth_model(load_depth_model(TINY_SAFETENSORS, arch=TINY_JSON), d / "alpha.safetensors")
+    beta = make_tiny_checkpoint(d / "beta.safetensors", seed=11)
+    return [f"alpha={alpha}", str(beta)]  # the second one is named after its file: "beta"
+
+
+def _smooth(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = rng.uniform(0, 255, 3) * 0.5 + 60 * np.sin(6 * xx[..., None] + rng.uniform(0, 6, 3)) * np.cos(4 * yy[..., None])
+    return np.clip(base + rng.normal(0, 8, (h, w, 3)) + 64, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    (root / "broken").mkdir()
+    sizes = {"a.png": (64, 64), "b.png": (80, 100), "sub/c.png": (100, 72), "sub/d.png": (90, 90),
+             "e.jpg": (70, 96), "f_gray.png": (66, 88), "g_rgba.png": (75, 60), "h_tiny.png": (30, 40),
+             "i_short.png": (50, 120)}
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        rgb = _smooth(h, w, i)
+        img = Image.fromarray(rgb)
+        if "gray" in name:
+            img = img.convert("L")
+        if "rgba" in name:
+            img = img.convert("RGBA")
+        img.save(root / name, quality=92) if name.endswith(".jpg") else img.save(root / name)
+    (root / "empty.jpg").write_bytes(b"")
+    full = (root / "e.jpg").read_bytes()
+    (root / "broken" / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (root / "notes_really.jpg").write_text("this is a text file with an image extension\n")
+    return root
+
+
+def _run(image_dir: Path, teachers: list[str], out: Path, fmt: str, **kw) -> dict:
+    args = dict(images=str(image_dir), teachers=teachers, output=str(out), fmt=fmt, shard_size=3, batch_size=3,
+                device="cpu", num_workers=2, show_progress=False, **GRID)
+    args.update(kw)
+    return cache_teachers(**args)
+
+
+def _stated_error(fresh: np.ndarray) -> float:
+    """The cache's stated depth error for a map like ``fresh`` (half a quantisation level of its
+    range), plus float32 noise from recomputing it in a batch of a different size."""
+    bound = float(depth_error_bound(np.array([fresh.min(), fresh.max()])))
+    return bound + 1e-5 * max(1.0, float(np.abs(fresh).max()))
+
+
+def _content(path: Path) -> dict[str, dict]:
+    out = {}
+    for s in open_cache(path):
+        out[s.key] = {"image_key": s.image_key, "image_size": tuple(s.image_size), "notes": s.notes,
+                      "region_box": s.region_box, "patch_boxes": s.patch_boxes, "rgb_region": s.rgb_region,
+                      "rgb_patches": s.rgb_patches, **{f"dr/{t}": v for t, v in s.depth_region.items()},
+                      **{f"dp/{t}": v for t, v in s.depth_patches.items()}, **{f"f/{t}": v for t, v in s.features.items()}}
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert sorted(a[key]) == sorted(b[key])
+        for field, value in a[key].items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(value, b[key][field], err_msg=f"{key} {field}")
+            else:
+                assert value == b[key][field], (key, field)
+
+
+@pytest.fixture(scope="module", params=["zarr", "webdataset"])
+def reference(request, image_dir, teachers, tmp_path_factory):
+    """One uninterrupted run per format: (format, cache path, summary)."""
+    fmt = request.param
+    out = tmp_path_factory.mktemp(f"ref_{fmt}") / "cache"
+    summary = _run(image_dir, teachers, out, fmt)
+    return fmt, out, summary
+
+
+def test_every_good_image_cached_bad_ones_skipped(reference, image_dir):
+    fmt, out, summary = reference
+    good = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*.*")
+                  if p.relative_to(image_dir).as_posix() not in BAD)
+    assert summary["finalized"] and summary["images_cached"] == len(good) == 9
+    assert {s["key"] for s in summary["skipped"]} == BAD
+    cache = open_cache(out)
+    assert cache.is_complete and len(cache) == len(good)
+    assert sorted(s.image_key for s in cache) == good
+    assert cache.teachers == ["alpha", "beta"]
+    assert {s["key"] for s in cache.manifest["skipped"]} == BAD
+    reasons = {s["key"]: s["reason"] for s in cache.manifest["skipped"]}
+    assert "empty" in reasons["empty.jpg"] and "truncated" in reasons["broken/truncated.jpg"]
+    notes = {s.image_key: s.notes for s in cache}
+    assert any(n.startswith("upscaled") for n in notes["h_tiny.png"])
+    assert any(n.startswith("whole_short_side") for n in notes["i_short.png"])
+    assert not notes["a.png"]
+
+
+def test_cached_values_equal_the_teacher_on_the_recorded_crop(reference, image_dir, teachers):
+    fmt, out, _ = reference
+    size_s, size_l = GRID["global_crop_size"], GRID["local_crop_size"]
+    samples = list(open_cache(out))
+    for s in samples:
+        rgb = load_rgb(image_dir / s.image_key)
+        assert tuple(s.image_size) == rgb.shape[:2]
+        (plan,) = plan_regions(s.image_key, *rgb.shape[:2], GRID["grid_seed"], GRID["min_region"], size_s, size_l, 1, "2x2")
+        np.testing.assert_array_equal(s.region_box, plan.region_box_array())
+        np.testing.assert_array_equal(s.patch_boxes, plan.patch_boxes_array())
+        view, patches = extract_views(rgb, plan, size_s, size_l)
+        np.testing.assert_array_equal(s.rgb_region, view)  # png: lossless
+        np.testing.assert_array_equal(s.rgb_patches, patches)
+    # every teacher recomputed on the cached pixels (one batch, not the run's batches)
+    regions = np.stack([s.rgb_region for s in samples])
+    patches = np.concatenate([s.rgb_patches for s in samples])
+    for spec in teachers:
+        t = Teacher(parse_teacher_spec(spec), torch.device("cpu"))
+        t.set_projection(GRID["feature_dim"], 0)
+        d_region, d_patches, feats = t.predict(regions, patches, features=True)
+        d_patches = d_patches.reshape(len(samples), 4, size_l, size_l)
+        for i, s in enumerate(samples):
+            for cached, fresh in ((s.depth_region[t.name], d_region[i]), *zip(s.depth_patches[t.name], d_patches[i])):
+                assert np.abs(cached - fresh).max() <= _stated_error(fresh), (s.key, t.name)
+            assert s.features[t.name].dtype == np.float16 and s.features[t.name].shape == (3, 3, 16)
+            np.testing.assert_allclose(s.features[t.name].astype(np.float32), feats[i].astype(np.float32),
+                                       atol=2e-3, rtol=2e-3)
+    # the two teachers really are different models
+    assert not np.allclose(samples[0].depth_region["alpha"], samples[0].depth_region["beta"])
+
+
+def test_parts_give_the_same_cache(reference, image_dir, teachers, tmp_path):
+    fmt, ref, _ = reference
+    out = tmp_path / "parts"
+    one = _run(image_dir, teachers, out, fmt, num_shards=2, shard_index=1)
+    assert not one["finalized"] and one["shards_written"] == 2  # 12 inputs / 3 per shard = 4 shards
+    two = _run(image_dir, teachers, out, fmt, num_shards=2, shard_index=0, num_workers=0)
+    assert two["finalized"] and two["shards_written"] == 2
+    _assert_same(_content(ref), _content(out))
+
+
+def test_rerun_of_a_finished_cache_does_no_teacher_work(reference, image_dir, teachers, monkeypatch):
+    fmt, ref, _ = reference
+    calls = []
+    original = DepthAnythingV2.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DepthAnythingV2, "forward", counting)
+    before = _content(ref)
+    summary = _run(image_dir, teachers, ref, fmt)
+    assert calls == [] and summary["teacher_forwards"] == {"alpha": 0, "beta": 0}
+    assert summary["shards_written"] == 0 and summary["shards_already_complete"] == 4 and summary["finalized"]
+    _assert_same(before, _content(ref))
+
+
+_KILLABLE = """
+import json, sys, time
+from dad.models import DepthAnythingV2
+original = DepthAnythingV2.forward
+def slow(self, *a, **k):  # slow the teachers down so the kill lands mid-run
+    time.sleep(0.25)
+    return original(self, *a, **k)
+DepthAnythingV2.forward = slow
+from dad.pipeline.cache_teachers import cache_teachers
+cache_teachers(**json.loads(sys.argv[1]))
+"""
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(reference, image_dir, teachers, tmp_path):
+    fmt, ref, _ = reference
+    out = tmp_path / "killed"
+    args = dict(images=str(image_dir), teachers=teachers, output=str(out), fmt=fmt, shard_size=3, batch_size=3,
+                device="cpu", num_workers=2, show_progress=True, **GRID)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, json.dumps(args)], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    deadline = time.monotonic() + 90
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if " written: " in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert any(" written: " in line for line in seen), "".join(seen)
+    assert proc.returncode == -signal.SIGKILL
+    records = sorted((out / "shards").glob("[0-9]*.json"))
+    assert 1 <= len(records) < 4  # killed after at least one shard, before the last
+    summary = _run(image_dir, teachers, out, fmt)
+    assert summary["shards_already_complete"] == len(records) and summary["finalized"]
+    _assert_same(_content(ref), _content(out))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+def test_lossy_rgb_codec_teacher_sees_decoded_pixels(image_dir, teachers, tmp_path, fmt):
+    out = tmp_path / "jpeg"
+    _run(image_dir, teachers[:1], out, fmt, rgb_codec="jpeg80", global_crop_size=56)
+    t = Teacher(parse_teacher_spec(teachers[0]), torch.device("cpu"))
+    for s in list(open_cache(out))[:3]:
+        rgb = load_rgb(image_dir / s.image_key)
+        (plan,) = plan_regions(s.image_key, *rgb.shape[:2], GRID["grid_seed"], GRID["min_region"], 56, 42, 1, "2x2")
+        view, patches = extract_views(rgb, plan, 56, 42)
+        expected = roundtrip_rgb(view, "jpeg80")
+        assert not np.array_equal(expected, view)  # the codec really is lossy here
+        np.testing.assert_array_equal(s.rgb_region, expected)  # first generation, not a re-encoded second
+        np.testing.assert_array_equal(s.rgb_patches, np.stack([roundtrip_rgb(p, "jpeg80") for p in patches]))
+        d_region, d_patches, _ = t.predict(s.rgb_region[None], s.rgb_patches, features=False)
+        assert t.forward_calls % 2 == 0  # 56 px views and 42 px patches: two forwards
+        for cached, fresh in ((s.depth_region["alpha"], d_region[0]), *zip(s.depth_patches["alpha"], d_patches)):
+            assert np.abs(cached - fresh).max() <= _stated_error(fresh)
+
+
+def test_settings_that_differ_from_the_cache_are_refused(reference, image_dir, teachers):
+    fmt, ref, _ = reference
+    from dad.errors import CacheError
+
+    with pytest.raises(CacheError, match="different configuration"):
+        _run(image_dir, teachers, ref, fmt, grid_seed=4)
