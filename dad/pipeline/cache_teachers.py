@@ -52,6 +52,7 @@ from dad.utils.progress import Progress
 # Webdataset tar shards are streamed whole by readers, so they are kept nearer the usual
 # 0.5-1 GB per tar.
 DEFAULT_SHARD_SIZE = {"zarr": 256, "webdataset": 128}
+MAX_SKIPPED_IN_SUMMARY = 100
 FEATURE_SEED = 0  # seed of the orthogonal feature projection (recorded in the header)
 
 
@@ -194,6 +195,11 @@ class PreparedImage:
         return self.teacher_region_views, self.teacher_patches
 
 
+def _reason(text: str) -> str:
+    """No object addresses in reasons: the same bad input gives the same record on every run."""
+    return re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", text)
+
+
 def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int, min_region: int,
                   global_crop_size: int, local_crop_size: int, regions_per_image: int, patches: tuple[int, int],
                   rgb_codec: str) -> PreparedImage:
@@ -203,11 +209,13 @@ def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int
     try:
         rgb = load_rgb(source.read(index), name=key)
     except DataError as e:
-        # no object addresses in reasons: the same bad input gives the same record on every run
-        out.skipped = SkippedInput(key, re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", str(e)))
+        out.skipped = SkippedInput(key, _reason(str(e)))
         return out
     except (Image.DecompressionBombError, MemoryError) as e:
-        out.skipped = SkippedInput(key, f"{key}: too large to decode ({e})")
+        out.skipped = SkippedInput(key, _reason(f"{key}: too large to decode ({e})"))
+        return out
+    except Exception as e:  # noqa: BLE001 - a malformed file can trip any decoder error; one file must not stop the run
+        out.skipped = SkippedInput(key, _reason(f"{key}: cannot decode ({type(e).__name__}: {e}); remove or re-encode the file"))
         return out
     h, w = rgb.shape[:2]
     out.image_size = (h, w)
@@ -470,6 +478,10 @@ def cache_teachers(
     log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index + 1}/{split.num_parts} "
         f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}")
 
+    if not mine:
+        log(f"this part has no work: {split.num_parts} parts but only {total_shards} shards; "
+            "use fewer parts or a smaller --shard-size")
+
     def prepare(item: tuple[int, int]) -> PreparedImage:
         shard, index = item
         return prepare_image(source, shard, index, grid_seed=grid_seed, min_region=min_region,
@@ -516,7 +528,8 @@ def cache_teachers(
         "part": {"index": split.part_index, "count": split.num_parts, "from": split.source},
         "shards_owned": len(mine), "shards_written": len(todo), "shards_already_complete": len(mine) - len(todo),
         "images_cached": images_cached, "samples_written": samples_written,
-        "skipped": [s.to_dict() for s in skipped_all],
+        "skipped": len(skipped_all),
+        "skipped_inputs": [s.to_dict() for s in skipped_all[:MAX_SKIPPED_IN_SUMMARY]],  # all: the cache manifest
         "teacher_forwards": {t.name: t.forward_calls for t in teacher_objs},
         "finalized": bool(finalized), "device": str(dev), "seconds": round(seconds, 2),
         "images_per_second": round(len(work) / seconds, 2) if seconds > 0 else None,

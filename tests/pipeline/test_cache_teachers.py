@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def test_every_good_image_cached_bad_ones_skipped(reference, image_dir):
     good = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*.*")
                   if p.relative_to(image_dir).as_posix() not in BAD)
     assert summary["finalized"] and summary["images_cached"] == len(good) == 9
-    assert {s["key"] for s in summary["skipped"]} == BAD
+    assert summary["skipped"] == 3 and {s["key"] for s in summary["skipped_inputs"]} == BAD
     cache = open_cache(out)
     assert cache.is_complete and len(cache) == len(good)
     assert sorted(s.image_key for s in cache) == good
@@ -255,3 +256,24 @@ def test_settings_that_differ_from_the_cache_are_refused(reference, image_dir, t
 
     with pytest.raises(CacheError, match="different configuration"):
         _run(image_dir, teachers, ref, fmt, grid_seed=4)
+
+
+def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_path, monkeypatch):
+    out = tmp_path / "failing"
+    original = Teacher.predict
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # shard 1's first batch (shard 0: one batch of two teachers, one all-bad batch)
+            raise RuntimeError("simulated device failure")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Teacher, "predict", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _run(image_dir, teachers, out, "zarr", batch_size=2)  # shards of 3 images: two batches each
+    # shard 0 was complete and stays; nothing of shard 1 is visible; no writer thread is left behind
+    assert [p.name for p in (out / "shards").glob("[0-9]*.json")] == ["000000.json"]
+    assert not [t for t in threading.enumerate() if t.name == "dad-cache-writer"]
+    monkeypatch.setattr(Teacher, "predict", original)
+    assert _run(image_dir, teachers, out, "zarr")["finalized"]
