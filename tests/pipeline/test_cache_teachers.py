@@ -33,6 +33,16 @@ GRID = dict(global_crop_size=42, local_crop_size=42, min_region=56, regions_per_
 BAD = {"empty.jpg", "broken/truncated.jpg", "notes_really.jpg"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread here and in the killed subprocess: the same float sums in both (the
+    thread count changes them), and no thread oversubscription on a small shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> list[str]:
     d = tmp_path_factory.mktemp("teachers")
@@ -197,7 +207,7 @@ import json, sys, time
 from dad.models import DepthAnythingV2
 original = DepthAnythingV2.forward
 def slow(self, *a, **k):  # slow the teachers down so the kill lands mid-run
-    time.sleep(0.25)
+    time.sleep(0.15)
     return original(self, *a, **k)
 DepthAnythingV2.forward = slow
 from dad.pipeline.cache_teachers import cache_teachers
@@ -211,7 +221,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(reference, image_dir
     args = dict(images=str(image_dir), teachers=teachers, output=str(out), fmt=fmt, shard_size=3, batch_size=3,
                 device="cpu", num_workers=2, show_progress=True, **GRID)
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, json.dumps(args)], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seen = []
     deadline = time.monotonic() + 90
     try:
