@@ -233,7 +233,7 @@ def _patches(ctx, param, value):
 
 @main.command("cache-teachers")
 @click.option("--images", required=True, help="Image folder (recursive), a text file listing paths, or tar shards (glob/braces).")
-@click.option("--teacher", "teachers", multiple=True, required=True, help="[NAME=]CKPT, repeatable; architecture as in `dad infer`.")
+@click.option("--teacher", "teachers", multiple=True, required=True, help="[NAME=]CKPT[:ARCH], repeatable; ARCH only for foreign checkpoints of custom size.")
 @click.option("--output", required=True, type=click.Path(), help="Cache directory (created, or resumed if it exists).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "webdataset"]), default="zarr", show_default=True)
 @click.option("--global-crop-size", "--global_crop_size", "global_crop_size", default=560, show_default=True, type=int,

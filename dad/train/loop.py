@@ -43,6 +43,13 @@ class DistillModule(nn.Module):
         super().__init__()
         self.student = student
         self.projection = FeatureProjection(student.config.embed_dim, feature_dim) if feature_dim else None
+        # parameters the forward never touches would stall DDP's gradient reduction: the mask
+        # token and the first unit of the deepest fusion block (both kept only for checkpoint
+        # parity with upstream) and encoder blocks after the last one the head reads
+        student.pretrained.mask_token.requires_grad_(False)
+        student.depth_head.scratch.refinenet4.resConfUnit1.requires_grad_(False)
+        for block in student.pretrained.blocks[max(student.config.layer_idx) + 1 :]:
+            block.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         depth, tokens = self.student(x, return_features=True)
