@@ -1,6 +1,6 @@
 """Cache encodings compared side by side: bytes per value and encode/decode speed.
 
-    python benchmarks/codecs.py                        # tiny bundled model + synthetic data
+    python benchmarks/codecs.py                        # bundled models + synthetic data
     python benchmarks/codecs.py --teacher syn=/path/to/teacher.safetensors --size 560
 
 Four tables, all candidates measured in one run on the same data:
@@ -36,6 +36,7 @@ from dad.cache import codecs as dc
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data" / "photos"
 TINY = f"tiny={ROOT / 'tests/data/tiny_dav2.safetensors'}:{ROOT / 'tests/data/tiny_dav2.json'}"
+BUNDLED = ROOT / "dad" / "assets" / "teacher_synthetic.safetensors"  # a small teacher trained on dad synth scenes
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +433,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=560, help="region view size S (paper: 560)")
     ap.add_argument("--teacher", action="append", default=None,
-                    help="NAME=CKPT[:ARCH], repeatable (default: the tiny test model)")
+                    help="NAME=CKPT[:ARCH], repeatable (default: the random tiny test model and the bundled trained teacher)")
     ap.add_argument("--feature-dim", type=int, default=64)
     ap.add_argument("--synthetic", type=int, default=6, help="maps per synthetic data set")
     ap.add_argument("--repeat", type=int, default=3, help="timing: best of this many passes")
@@ -442,13 +443,16 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     import numcodecs
+    import numcodecs.blosc
 
+    numcodecs.blosc.use_threads = False  # deterministic blosc output (as dad writes it); single-threaded timings
     print(f"view size {args.size}; numcodecs {numcodecs.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}", flush=True)
     views = photo_views(args.size)
     scene_rgb, scene_disp = synthetic_scenes(args.synthetic, args.size)
     depth_sets = {"fields": ground_plane_fields(args.synthetic, args.size), "scenes": scene_disp}
     feature_sets = {}
-    for spec in args.teacher or [TINY]:
+    defaults = [TINY] + ([f"synthetic-teacher={BUNDLED}"] if BUNDLED.is_file() else [])
+    for spec in args.teacher or defaults:
         name, depths, feats = teacher_outputs(spec, views, args.feature_dim)
         depth_sets[f"{name}/photos"] = depths
         feature_sets[f"{name}/photos"] = feats

@@ -163,6 +163,9 @@ class CacheWriter:
         If ``samples`` raises, nothing of the shard becomes visible and the error propagates."""
         k = self._check_shard(shard_index)
         shards = self.root / SHARDS
+        if record_path(self.root, k).exists():  # re-writing a complete shard: hide it meanwhile
+            record_path(self.root, k).unlink()
+            fsync_dir(shards)
         for stale in leftover_temps(self.root, k):  # a killed writer's temporary files
             _remove(stale)
         final = shards / payload_name(k, self.fmt)

@@ -28,7 +28,17 @@ def test_jpeg_roundtrip_is_what_a_reader_gets():
     assert codecs.rgb_extension("png") == "png" and codecs.rgb_extension("jpeg80") == "jpg"
 
 
-@pytest.mark.parametrize("bad", ["webp", "jpeg101", "jpeg0", "PNG"])
+def test_png_levels_trade_speed_for_size():
+    from dad.data.synthetic import render_scene
+
+    rgb = render_scene(3, 96, 96)[0]
+    fast, default = codecs.encode_rgb(rgb, "png1"), codecs.encode_rgb(rgb, "png")
+    assert len(fast) > len(default) and default == codecs.encode_rgb(rgb, "png6")
+    np.testing.assert_array_equal(codecs.decode_rgb(fast), rgb)
+    assert codecs.rgb_is_lossless("png1") and not codecs.rgb_is_lossless("jpeg95")
+
+
+@pytest.mark.parametrize("bad", ["webp", "jpeg101", "jpeg0", "PNG", "png10"])
 def test_unknown_rgb_codec_names_the_flag(bad):
     with pytest.raises(ConfigError, match="--rgb-codec"):
         codecs.rgb_extension(bad)
@@ -46,6 +56,30 @@ def test_depth_error_is_below_1e4_of_the_range():
     assert (err <= codecs.depth_error_bound(ranges) + 1e-6 * np.abs(maps).max(axis=(-2, -1))).all()
     np.testing.assert_array_equal(ranges[..., 0], maps.min(axis=(-2, -1)))
     assert codecs.encode_depth(maps)[0] == data  # deterministic
+
+
+def test_depth_bytes_do_not_depend_on_blosc_threads():
+    import threading
+
+    import numcodecs.blosc
+
+    d = np.random.default_rng(7).random((600, 600), np.float32)  # several blosc blocks
+    switch = numcodecs.blosc.use_threads  # zarr sets it False on import; a plain process has None
+    numcodecs.blosc.use_threads = None  # None: numcodecs uses blosc threads from the main thread
+    before = numcodecs.blosc.get_nthreads()
+    numcodecs.blosc.set_nthreads(4)  # c-blosc with threads writes blocks in completion order
+    try:
+        first = codecs.encode_depth(d)[0]
+        assert all(codecs.encode_depth(d)[0] == first for _ in range(10))
+        out = []
+        worker = threading.Thread(target=lambda: out.append(codecs.encode_depth(d)[0]))
+        worker.start()
+        worker.join()
+        assert out == [first]
+        assert numcodecs.blosc.use_threads is None  # the switch is restored after each call
+    finally:
+        numcodecs.blosc.set_nthreads(before)
+        numcodecs.blosc.use_threads = switch
 
 
 def test_depth_constant_map_and_non_finite():

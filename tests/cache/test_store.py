@@ -64,6 +64,22 @@ def test_round_trip(tmp_path, fmt):
     assert [cache.shard_of(i) for i in range(len(cache))] == [0] * 4 + [1] * 4 + [2] * 2
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_without_features_and_rewriting_a_complete_shard(tmp_path, fmt):
+    header = make_header(num_images=3, per_shard=2, features=False, rgb_codec="jpeg95")
+    writer = write_cache(tmp_path / "c", fmt, header, sample_kw={"features": False})
+    before = tree_bytes(tmp_path / "c")
+    cache = open_cache(tmp_path / "c")
+    refs = expected_samples(header, features=False)
+    assert len(cache) == len(refs) == 4 and cache.config["features"] is False
+    for got, ref in zip(cache, refs):
+        assert got.features == {} and got.key == ref.key
+        np.testing.assert_array_equal(got.rgb_region, codecs.roundtrip_rgb(ref.rgb_region, "jpeg95"))
+    assert cache_info(tmp_path / "c")["feature_bytes_per_value"] is None
+    writer.write_shard(0, shard_samples(header, 0, features=False), shard_skipped(header, 0))  # same content again
+    assert tree_bytes(tmp_path / "c") == before
+
+
 def test_both_formats_decode_identical_values(tmp_path):
     header = make_header(rgb_codec="jpeg90")
     write_cache(tmp_path / "z", "zarr", header)
