@@ -127,6 +127,37 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+class ReadOnlyFile:
+    """A read-only descriptor for ``pread``; closed by ``close()`` or when garbage-collected, so
+    a reader evicted from a cache while another thread still uses it stays valid."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = os.open(path, os.O_RDONLY)
+
+    def size(self) -> int:
+        return os.fstat(self._fd()).st_size
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise ValueError(f"{self.path}: read after close")
+        return self.fd
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self._fd(), length, offset)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
 def sha256_file(path: Path) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0

@@ -16,6 +16,7 @@ import os
 import shutil
 from collections import OrderedDict, deque
 import multiprocessing
+import threading
 import weakref
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
@@ -268,7 +269,8 @@ def create_cache_writer(path: str | os.PathLike, fmt: str, header: dict[str, Any
 
 
 class _LRU(OrderedDict):
-    """Small least-recently-used map; evicted values are closed when they can be."""
+    """Small least-recently-used map. Evicted readers are dropped, not closed: another thread
+    may still be reading through one, and their files close when they are garbage-collected."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -281,9 +283,7 @@ class _LRU(OrderedDict):
         value = make()
         self[key] = value
         while len(self) > self.size:
-            _, old = self.popitem(last=False)
-            if hasattr(old, "close"):
-                old.close()
+            self.popitem(last=False)
         return value
 
     def close_all(self) -> None:
@@ -298,7 +298,8 @@ class TeacherCache:
     opened on first use (at most ``max_open_shards`` at a time) and never shared between
     processes: after a fork or unpickling the cache re-opens them, so it is safe in DataLoader
     workers under fork, spawn or forkserver. zarr-python is not used for reading (plain
-    ``pread`` of the shard files), so there is no zarr state to break in a forked child."""
+    ``pread`` of the shard files), so there is no zarr state to break in a forked child.
+    Threads may share one cache: decoding runs in parallel, the bookkeeping under a lock."""
 
     def __init__(self, path: str | os.PathLike, max_open_shards: int = 16) -> None:
         self.root = Path(path)
@@ -317,6 +318,7 @@ class TeacherCache:
         self._starts = np.cumsum([0] + [int(s["num_samples"]) for s in summaries])
         self.max_open_shards = max_open_shards
         self._pid = os.getpid()
+        self._lock = threading.Lock()
         self._readers = _LRU(max_open_shards)
         self._records = _LRU(4 * max_open_shards)
 
@@ -360,7 +362,8 @@ class TeacherCache:
 
     def record(self, shard: int) -> dict[str, Any]:
         self._check_process()
-        return self._records.get_or_make(shard, lambda: read_record(self.root, shard))
+        with self._lock:
+            return self._records.get_or_make(shard, lambda: read_record(self.root, shard))
 
     def keys(self) -> list[str]:
         return [k for shard in self._shards for k in self.record(shard)["keys"]]
@@ -372,24 +375,28 @@ class TeacherCache:
     # -- process safety
     def _check_process(self) -> None:
         if os.getpid() != self._pid:  # forked: the parent's descriptors are not ours to use
+            self._lock = threading.Lock()
             self._readers = _LRU(self.max_open_shards)
             self._records = _LRU(4 * self.max_open_shards)
             self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        del state["_readers"], state["_records"]  # open files stay with this process
+        del state["_readers"], state["_records"], state["_lock"]  # open files stay with this process
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._lock = threading.Lock()
         self._readers = _LRU(self.max_open_shards)
         self._records = _LRU(4 * self.max_open_shards)
         self._pid = os.getpid()
 
     def close(self) -> None:
+        """Close the open shard files now (they re-open on the next read)."""
         if os.getpid() == self._pid:
-            self._readers.close_all()
+            with self._lock:
+                self._readers.close_all()
 
     def _reader(self, pos: int):
         self._check_process()
@@ -401,9 +408,10 @@ class TeacherCache:
                 raise CacheError(f"{path}: payload of complete shard {shard} is missing; run `dad cache-verify {self.root}`")
             if self.format == "zarr":
                 return ZarrShardReader(path, self.geometry)
-            return TarShardReader(path, self.record(shard), self.geometry)
+            return TarShardReader(path, read_record(self.root, shard), self.geometry)
 
-        return self._readers.get_or_make(shard, make)
+        with self._lock:
+            return self._readers.get_or_make(shard, make)
 
     # -- samples
     def _teacher_names(self, teachers: Sequence[str] | None) -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from dad.cache import codecs
+from dad.cache.layout import ReadOnlyFile
 from dad.cache.sample_codec import EncodedSample, Geometry, decode_parts
 from dad.cache.schema import CacheSample
 from dad.errors import CacheError
@@ -141,11 +142,11 @@ class TarShardReader:
             raise CacheError(f"{path}: the shard record's member list does not match the cache header; run `dad cache-verify`")
         self.offsets = np.asarray(index.get("offsets", []), dtype=np.int64).reshape(-1, len(self.fields), 2)
         self.keys: list[str] = record["keys"]
-        self.fd = os.open(path, os.O_RDONLY)
+        self.file = ReadOnlyFile(path)
 
     def _member(self, j: int, field: str) -> bytes:
         offset, size = (int(v) for v in self.offsets[j, self.fields[field]])
-        data = os.pread(self.fd, size, offset)
+        data = self.file.pread(size, offset)
         if len(data) != size:
             raise CacheError(f"{self.path}: member {field} of sample {j} is truncated; the shard is damaged")
         return data
@@ -169,7 +170,7 @@ class TarShardReader:
         return decode_parts(meta, self._member(j, f"rgb_region.{ext}"), patches, depth, feats, self.geo)
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.file.close()
 
 
 def decode_webdataset_sample(sample: dict[str, Any], teachers: Sequence[str] | None = None,

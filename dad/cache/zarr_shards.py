@@ -37,7 +37,7 @@ import google_crc32c
 import numpy as np
 
 from dad.cache import codecs
-from dad.cache.layout import write_file
+from dad.cache.layout import ReadOnlyFile, write_file
 from dad.cache.sample_codec import EncodedSample, Geometry, decode_parts
 from dad.cache.schema import FORMAT_VERSION, CacheSample
 from dad.errors import CacheError
@@ -218,32 +218,32 @@ class _ShardedArray:
 
     def __init__(self, path: Path, count: int) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        self.file = ReadOnlyFile(path)
         try:
-            size = os.fstat(self.fd).st_size
+            size = self.file.size()
             need = 16 * count + 4
             if size < need:
                 raise CacheError(f"{path}: shard file is {size} bytes, too short for {count} chunks; the shard is damaged")
-            tail = os.pread(self.fd, need, size - need)
+            tail = self.file.pread(need, size - need)
             index, crc = tail[:-4], struct.unpack("<I", tail[-4:])[0]
             if google_crc32c.value(index) != crc:
                 raise CacheError(f"{path}: shard index checksum mismatch; the shard is damaged")
             self.index = np.frombuffer(index, "<u8").reshape(count, 2)
         except BaseException:
-            os.close(self.fd)
+            self.file.close()
             raise
 
     def chunk(self, i: int) -> bytes:
         offset, length = (int(v) for v in self.index[i])
         if offset == _MAX_U64:
             raise CacheError(f"{self.path}: chunk {i} is missing; the shard is damaged")
-        data = os.pread(self.fd, length, offset)
+        data = self.file.pread(length, offset)
         if len(data) != length:
             raise CacheError(f"{self.path}: chunk {i} is truncated; the shard is damaged")
         return data
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.file.close()
 
 
 class ZarrShardReader:
@@ -306,6 +306,6 @@ class ZarrShardReader:
         return decode_parts(self.meta(j), rgb_region[0], rgb_patches, depth, feats, self.geo)
 
     def close(self) -> None:
-        for a in self._arrays.values():
+        for a in list(self._arrays.values()):
             a.close()
         self._arrays.clear()

@@ -40,3 +40,20 @@ def test_two_workers_return_the_same_samples(tmp_path, context):
             seen.append(i)
     assert sorted(seen) == list(range(len(cache)))
     assert cache.get(0).key == expected[0].key  # the parent's handles still work afterwards
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+def test_threads_share_a_cache_with_few_open_shards(tmp_path, fmt):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dad.cache.store import TeacherCache
+
+    write_cache(tmp_path / "c", fmt, make_header(num_images=7, per_shard=1))
+    cache = TeacherCache(tmp_path / "c", max_open_shards=1)  # every other read evicts a shard reader
+    expected = [open_cache(tmp_path / "c").get(i) for i in range(len(cache))]
+    order = [i % len(cache) for i in range(7 * len(cache))]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: cache.get(i), order))
+    for i, s in zip(order, got):
+        np.testing.assert_array_equal(s.depth_patches["alpha"], expected[i].depth_patches["alpha"])
+        np.testing.assert_array_equal(s.rgb_region, expected[i].rgb_region)
