@@ -1,9 +1,32 @@
 """Depth normalisation inside the distillation loss (SPEC section 3), vectorised over the batch.
 
-Maps are (B, H, W) (or (B, M)); ``mask`` marks valid pixels. Medians are exact over the valid
-pixels of a group; with an even count the lower middle element is taken (torch.median's
-convention). MAD(d) = mean |d - med(d)|. Groups ("contexts") of the hybrid scheme are cut from
-the teacher's value range and used for both maps.
+Maps are (B, H, W) (any trailing shape works; it is flattened to (B, M)); ``mask`` marks valid
+pixels (None: all valid). Every statistic is taken per sample over valid pixels only:
+
+- median: exact; with an even count the **lower** middle element (torch.median's convention),
+  i.e. the element of 0-based rank (n - 1) // 2 among the n values sorted ascending;
+- MAD(d) = mean |d - med(d)|; N(d) = (d - med) / (MAD + eps), eps = 1e-6, so a constant group
+  (MAD 0) normalises to exactly 0 instead of dividing by zero.
+
+Groups ("contexts") of the hybrid and local schemes are cut from the *teacher's* valid value
+range [min, max] into S equal segments (half-open [a, b), the last closed at max; a constant
+teacher map puts every pixel in segment 0) and the same pixel groups are used for the student.
+Empty groups are never referenced by a pixel, so they drop out. Invalid pixels normalise to 0.
+
+How the medians are found without a loop over samples or groups: the pixels of each row are
+argsorted once by the int64 key (group << 32 | order-preserving bits of the float32 value), which
+orders them by (group, value) with ungrouped pixels last. The group starts come from a
+searchsorted over the sorted ids, the median of group g is the element at rank
+start_g + (count_g - 1) // 2 (one gather), and the per-group sums behind the MADs are
+differences of a float64 cumulative sum at the group boundaries (deterministic, unlike
+scatter_add on CUDA). Integer keys sort ~1.7x faster than floats on CPU.
+
+Levels share work: segment ids nest exactly (floor(2y) // 2 == floor(y), and scaling by a power
+of two is exact in floating point), so level S's ids are the finest level's ids >> log2(K / S).
+The teacher's (finest segment, value) order is therefore a (segment, value) order at every
+level, because a segment is an interval of teacher values (x -> floor((x - min) / span * K) is
+monotone under IEEE rounding): the teacher map is sorted once. The student needs one sort per
+level. Everything is computed in float32.
 """
 
 from __future__ import annotations
@@ -13,75 +36,184 @@ import torch
 from dad.errors import ConfigError
 
 EPS = 1e-6
+MODES = ("global", "hybrid", "local", "none")
 
 
 def hierarchy_levels(num_segments: int) -> list[int]:
-    """1, 2, 4, ... up to ``num_segments`` (a power of two)."""
-    if num_segments < 1 or num_segments & (num_segments - 1):
+    """The hybrid levels 1, 2, 4, ... up to ``num_segments`` (which must be a power of two)."""
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1 \
+            or num_segments & (num_segments - 1):
         raise ConfigError(f"--num-segments {num_segments}: must be a power of two (1, 2, 4, 8, ...)")
-    levels, s = [], 1
-    while s <= num_segments:
-        levels.append(s)
-        s *= 2
-    return levels
+    return [2**i for i in range(num_segments.bit_length())]
 
 
-def masked_median_mad(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of (R, M) values: (median, MAD, count) over the pixels where ``mask``.
+def mode_levels(mode: str, num_segments: int) -> list[int]:
+    """Segment counts S whose contexts a pixel is normalised in: global [1], hybrid [1, 2, .., K],
+    local [K], none [] (no normalisation)."""
+    if mode not in MODES:
+        raise ConfigError(f"--normalization {mode!r}: must be one of {', '.join(MODES)}")
+    if mode == "global":
+        return [1]
+    if mode == "none":
+        return []
+    levels = hierarchy_levels(num_segments)
+    return levels if mode == "hybrid" else levels[-1:]
 
-    Rows with no valid pixel get median 0 and MAD 0 (callers skip them via count == 0).
-    Sorting with invalid entries pushed to +inf makes the k-th valid value a single gather.
+
+def _flatten(d: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ...) -> (B, M) float32 values with invalid entries zeroed (NaN/inf there cannot leak
+    into the result or its gradient) and the (B, M) boolean mask."""
+    flat = d.reshape(d.shape[0], -1).float()
+    if mask is None:
+        return flat, torch.ones_like(flat, dtype=torch.bool)
+    m = mask.reshape(flat.shape).to(device=flat.device, dtype=torch.bool)
+    return torch.where(m, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)), m
+
+
+def group_order(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per row of (R, M) float32 values: pixel indices ordered by (group id, value), so the
+    pixels of group 0 come first, ascending, then group 1, ...; ids must lie in [0, 2**31)."""
+    bits = x.detach().float().contiguous().view(torch.int32).long()
+    # IEEE floats order like sign-magnitude integers: flip the magnitude bits of negatives to
+    # get a two's-complement order, then offset into [0, 2**32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
+    return ((groups << 32) | bits).argsort(dim=1)
+
+
+def grouped_median_mad(x: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                       order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact per-group median, MAD and count, for every row at once.
+
+    x: (R, M) float32 values; groups: (R, M) int64 in [0, G], G = ``num_groups`` marking pixels
+    in no group; order: optional ``group_order(x, groups)`` (or any order that is ascending in
+    (group, value)), to share one sort between groupings.
+    Returns three (R, G) tensors; empty groups get median 0, MAD 0, count 0. Median of an even
+    count: the lower middle element. Differentiable w.r.t. x (the median passes its gradient
+    to the element it picks, like torch.median).
     """
-    count = mask.sum(dim=1)
-    filled = torch.where(mask, x, torch.full_like(x, float("inf")))
-    ordered, _ = filled.sort(dim=1)
-    k = ((count - 1).clamp(min=0) // 2).unsqueeze(1)
-    med = ordered.gather(1, k).squeeze(1)
-    med = torch.where(count > 0, med, torch.zeros_like(med))
-    dev = (x - med.unsqueeze(1)).abs() * mask
-    mad = dev.sum(dim=1) / count.clamp(min=1)
+    r, m = x.shape
+    g = num_groups
+    if order is None:
+        order = group_order(x, groups)
+    ids_sorted = groups.gather(1, order)  # non-decreasing per row
+    bounds = torch.arange(g + 1, device=x.device).expand(r, g + 1).contiguous()
+    start = torch.searchsorted(ids_sorted, bounds)  # (R, G + 1): first rank of each id
+    count = start[:, 1:] - start[:, :-1]
+    start = start[:, :-1]
+    rank = (start + (count - 1).clamp(min=0) // 2).clamp(max=m - 1)
+    med = x.gather(1, order.gather(1, rank))
+    present = count > 0
+    med = torch.where(present, med, torch.zeros_like(med))
+    # MAD: per-group sums of |x - med| as differences of a cumulative sum in group order
+    med_px = torch.cat([med, med.new_zeros(r, 1)], dim=1).gather(1, groups)
+    dev = torch.where(groups < g, (x - med_px).abs(), torch.zeros_like(x))
+    csum = torch.cat([dev.new_zeros(r, 1, dtype=torch.float64),
+                      dev.gather(1, order).double().cumsum(dim=1)], dim=1)
+    sums = csum.gather(1, start + count) - csum.gather(1, start)
+    mad = (sums / count.clamp(min=1)).to(x.dtype)
     return med, mad, count
 
 
+def normalize_groups(x: torch.Tensor, groups: torch.Tensor, num_groups: int, eps: float = EPS,
+                     order: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, M) -> (R, M): each pixel as (x - med_u) / (MAD_u + eps) with u its group; 0 where
+    ``groups == num_groups`` (no group). ``order`` as for ``grouped_median_mad``."""
+    med, mad, _ = grouped_median_mad(x, groups, num_groups, order)
+    pad = med.new_zeros(x.shape[0], 1)
+    med_px = torch.cat([med, pad], dim=1).gather(1, groups)
+    mad_px = torch.cat([mad, pad], dim=1).gather(1, groups)
+    out = (x - med_px) / (mad_px + eps)
+    return torch.where(groups < num_groups, out, torch.zeros_like(out))
+
+
+def masked_median_mad(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of x (R, ...): (median, MAD, count) over the entries where ``mask``, each (R,).
+    Median of an even count: the lower middle element. Rows with no valid entry: 0, 0, 0."""
+    flat, m = _flatten(x, mask)
+    med, mad, count = grouped_median_mad(flat, (~m).long(), 1)
+    return med[:, 0], mad[:, 0], count[:, 0]
+
+
+def segment_ids(dt: torch.Tensor, mask: torch.Tensor | None, segments: int) -> torch.Tensor:
+    """Per pixel of the teacher map (B, ...) -> (B, M) int64: which of ``segments`` equal parts of
+    the sample's valid range [min, max] holds it (half-open [a, b), the last closed at max);
+    ``segments`` for invalid pixels. A constant map puts every valid pixel in segment 0."""
+    flat, m = _flatten(dt.detach(), mask)
+    big = torch.finfo(flat.dtype).max
+    lo = torch.where(m, flat, torch.full_like(flat, big)).amin(dim=1, keepdim=True)
+    hi = torch.where(m, flat, torch.full_like(flat, -big)).amax(dim=1, keepdim=True)
+    span = hi - lo
+    spread = span > 0  # False for constant maps and for samples without a valid pixel
+    frac = (flat - lo) / torch.where(spread, span, torch.ones_like(span))
+    seg = (frac * segments).floor().clamp(0, segments - 1).long()
+    seg = torch.where(spread, seg, torch.zeros_like(seg))
+    return torch.where(m, seg, torch.full_like(seg, segments))
+
+
 def normalize_global(d: torch.Tensor, mask: torch.Tensor | None = None, eps: float = EPS) -> torch.Tensor:
-    """(d - med(d)) / (MAD(d) + eps) per sample over valid pixels; invalid pixels come out 0."""
-    flat = d.reshape(d.shape[0], -1)
-    m = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(flat.shape)
-    med, mad, _ = masked_median_mad(flat, m)
-    out = (flat - med[:, None]) / (mad[:, None] + eps)
-    return (out * m).reshape(d.shape)
+    """N(d) = (d - med(d)) / (MAD(d) + eps) per sample over valid pixels; float32 of d's shape,
+    invalid pixels 0."""
+    flat, m = _flatten(d, mask)
+    return normalize_groups(flat, (~m).long(), 1, eps).reshape(d.shape)
 
 
-def segment_ids(dt: torch.Tensor, mask: torch.Tensor, segments: int) -> torch.Tensor:
-    """Per pixel of (B, M): index of its segment when the teacher's valid range [min, max] is
-    cut into ``segments`` equal parts (the last closed at max). Constant maps: all segment 0."""
-    big = torch.finfo(dt.dtype).max
-    lo = torch.where(mask, dt, torch.full_like(dt, big)).amin(dim=1, keepdim=True)
-    hi = torch.where(mask, dt, torch.full_like(dt, -big)).amax(dim=1, keepdim=True)
-    span = (hi - lo).clamp(min=0)
-    scaled = torch.where(span > 0, (dt - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(dt))
-    return (scaled * segments).floor().clamp(0, segments - 1).long()
+def normalize_local(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None = None,
+                    num_segments: int = 4, eps: float = EPS) -> torch.Tensor:
+    """Each pixel of d normalised within its segment of the teacher dt's range cut into
+    ``num_segments`` parts (SPEC 'local'); float32 of d's shape, invalid pixels 0."""
+    hierarchy_levels(num_segments)
+    flat, _ = _flatten(d, mask)
+    return normalize_groups(flat, segment_ids(dt, mask, num_segments), num_segments, eps).reshape(d.shape)
 
 
-def hierarchical_abs_diff(ds: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, levels: list[int],
-                          eps: float = EPS) -> torch.Tensor:
-    """Per pixel of (B, M): |N_u(ds) - N_u(dt)| averaged over the contexts u containing it
-    (one per level), each context normalised with its own median and MAD. Invalid pixels: 0."""
-    b, m = ds.shape
-    total = torch.zeros_like(ds)
-    for s in levels:
-        seg = segment_ids(dt.detach(), mask, s)  # (B, M)
-        # one row per (sample, context): (B*s, M) masks; empty contexts have count 0
-        ctx = torch.arange(s, device=ds.device).view(1, s, 1)
-        in_ctx = (seg.unsqueeze(1) == ctx) & mask.unsqueeze(1)  # (B, s, M)
-        rows = in_ctx.reshape(b * s, m)
-        ds_rows = ds.unsqueeze(1).expand(b, s, m).reshape(b * s, m)
-        dt_rows = dt.unsqueeze(1).expand(b, s, m).reshape(b * s, m)
-        med_s, mad_s, _ = masked_median_mad(ds_rows, rows)
-        med_t, mad_t, _ = masked_median_mad(dt_rows, rows)
-        # back to pixels: each pixel picks its own context's statistics
-        pick = lambda v: v.view(b, s).gather(1, seg)  # noqa: E731
-        ns = (ds - pick(med_s)) / (pick(mad_s) + eps)
-        nt = (dt - pick(med_t)) / (pick(mad_t) + eps)
-        total = total + (ns - nt).abs() * mask
+def normalize_hybrid(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None = None,
+                     num_segments: int = 4, eps: float = EPS) -> torch.Tensor:
+    """d normalised once per hybrid level S = 1, 2, .., K within the segments of the teacher dt:
+    (num_levels, *d.shape), one map per level (pixel p at level S: N_u(d)_p, u its context)."""
+    flat, _ = _flatten(d, mask)
+    finest = segment_ids(dt, mask, num_segments)
+    maps = [normalize_groups(flat, finest >> shift, s, eps) for s, shift in _level_shifts(hierarchy_levels(num_segments), num_segments)]
+    return torch.stack(maps).reshape(-1, *d.shape)
+
+
+def _level_shifts(levels: list[int], num_segments: int) -> list[tuple[int, int]]:
+    """(S, shift) with level S's segment ids = the finest ids >> shift (exact; invalid K -> S)."""
+    top = num_segments.bit_length() - 1
+    return [(s, top - (s.bit_length() - 1)) for s in levels]
+
+
+def normalize(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "hybrid",
+              num_segments: int = 4, eps: float = EPS) -> torch.Tensor:
+    """The four normalisations under one signature: (num_levels, *d.shape) float32; 'global' and
+    'local' give one level, 'hybrid' log2(K) + 1, 'none' the raw map (invalid pixels 0). The
+    groups come from dt (the teacher), so the teacher's own is ``normalize(dt, dt, ...)``."""
+    levels = mode_levels(mode, num_segments)
+    if mode == "none":
+        return _flatten(d, mask)[0].reshape(1, *d.shape)
+    if mode == "global":
+        return normalize_global(d, mask, eps)[None]
+    if mode == "local":
+        return normalize_local(d, dt, mask, levels[0], eps)[None]
+    return normalize_hybrid(d, dt, mask, num_segments, eps)
+
+
+def normalized_abs_diff(ds: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "hybrid",
+                        num_segments: int = 4, eps: float = EPS) -> torch.Tensor:
+    """Per pixel |N_u(ds) - N_u(dt)| averaged over the contexts u containing it (one per level),
+    float32 (B, M) with M the flattened pixels; invalid pixels 0. 'none': |ds - dt|.
+    The teacher is sorted once for all levels, the student once per level."""
+    levels = mode_levels(mode, num_segments)
+    s, m = _flatten(ds, mask)
+    t, _ = _flatten(dt, mask)
+    if not levels:
+        return torch.where(m, (s - t).abs(), torch.zeros_like(s))
+    finest_count = levels[-1]
+    finest = segment_ids(t, m, finest_count)  # global: one segment, every valid pixel in it
+    order_t = group_order(t, finest)
+    total = torch.zeros_like(s)
+    for segments, shift in _level_shifts(levels, finest_count):  # a few levels; samples and contexts vectorised
+        seg = finest >> shift
+        ns = normalize_groups(s, seg, segments, eps)
+        nt = normalize_groups(t, seg, segments, eps, order_t)
+        total = total + (ns - nt).abs()
     return total / len(levels)
