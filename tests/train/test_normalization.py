@@ -109,6 +109,18 @@ def test_segment_ids_by_hand():
     assert segment_ids(torch.full((1, 3), 4.0), None, 4).tolist() == [[0, 0, 0]]
 
 
+def test_coarser_segments_are_the_finest_shifted():
+    # the implementation derives level S from level K by a shift; that must equal cutting anew
+    g = torch.Generator().manual_seed(7)
+    dt = torch.rand(3, 500, generator=g) ** 3
+    dt[0, :100] = dt[0, 100]  # ties
+    dt[2] = (dt[2] * 16).floor() / 16  # values on the level boundaries
+    mask = torch.rand(3, 500, generator=g) > 0.1
+    finest = segment_ids(dt, mask, 16)
+    for shift, segments in enumerate((16, 8, 4, 2, 1)):
+        assert torch.equal(segment_ids(dt, mask, segments), finest >> shift)
+
+
 # --------------------------------------------------------------------------------------------
 # the normalisations by hand
 
