@@ -65,10 +65,12 @@ def crop_patches(ds_region: torch.Tensor, patch_boxes: torch.Tensor, region_side
     native region and the view, so region x maps to view x * S / region_side. Output pixel j
     samples the footprint at its centre, x = x0 + (j + 0.5) * (x1 - x0) / size (then scaled to
     the view): ``grid_sample(align_corners=False)``, the convention of a half-pixel resize, with
-    samples beyond the outer pixel centres clamped to the border. A patch never exceeds its
-    region, so the footprint is at most S view pixels and this is an upsampling: no antialias.
+    samples beyond the outer pixel centres clamped to the border. The region is square, so one
+    side serves both axes. No antialiasing: a footprint covers size * S / region_side view
+    pixels, at most ``size`` whenever the region is at least the view size (the paper's 644+
+    px regions and 560 px views), so the resize only upsamples.
     """
-    b, view_h, view_w = ds_region.shape
+    b = ds_region.shape[0]
     p = patch_boxes.shape[1]
     boxes = patch_boxes.to(device=ds_region.device, dtype=torch.float32)
     side = region_side.to(device=ds_region.device, dtype=torch.float32).reshape(b, 1)
