@@ -221,8 +221,9 @@ class ResidualConvUnit(nn.Module):
     def __init__(self, features: int, use_bn: bool) -> None:
         super().__init__()
         self.use_bn = use_bn
-        self.conv1 = nn.Conv2d(features, features, 3, padding=1, bias=not use_bn)
-        self.conv2 = nn.Conv2d(features, features, 3, padding=1, bias=not use_bn)
+        # upstream keeps the conv biases even in front of BatchNorm
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
         if use_bn:
             self.bn1 = nn.BatchNorm2d(features)
             self.bn2 = nn.BatchNorm2d(features)

@@ -81,3 +81,11 @@ def test_bad_config_names_the_problem():
         resolve_arch({"embed_dim": 50, "num_heads": 3})
     with pytest.raises(CheckpointError, match="unknown architecture"):
         resolve_arch("vitx")
+
+
+def test_batchnorm_head_keeps_upstream_conv_biases():
+    """Upstream's ResidualConvUnit has conv biases in front of its BatchNorms (use_bn=True)."""
+    cfg = json.loads(TINY_JSON.read_text()) | {"use_bn": True}
+    keys = build_depth_model(cfg).state_dict().keys()
+    unit = "depth_head.scratch.refinenet1.resConfUnit1."
+    assert {unit + "conv1.bias", unit + "conv2.bias", unit + "bn1.running_mean", unit + "bn2.weight"} <= set(keys)
