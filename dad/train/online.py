@@ -21,9 +21,10 @@ from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, parse_teacher_specs
 from dad.train.config import TrainConfig
 from dad.train.data import BatchPlan, StepSampler, make_batch
+from dad.train.sources import SamplerBackedSource
 
 
-class OnlineBatchSource:
+class OnlineBatchSource(SamplerBackedSource):
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, start_step: int, device: torch.device) -> None:
         check_grid_settings(cfg.global_crop_size, cfg.local_crop_size, cfg.min_region, cfg.regions_per_image)
         self.cfg = cfg
@@ -38,13 +39,6 @@ class OnlineBatchSource:
                                    list(self.teachers), cfg.teacher_probs, cfg.seed, rank, world_size,
                                    start_step=start_step)
         self._prepared: dict[int, PreparedImage] = {}
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
-
-    def set_total_steps(self, total: int) -> None:
-        self.sampler.total_steps = total
 
     def describe(self) -> str:
         return f"online: {len(self.source)} images from {self.cfg.images}, live teachers {', '.join(self.teachers)}"

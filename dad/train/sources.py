@@ -19,7 +19,20 @@ def _passthrough(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-class CachedBatchSource:
+class SamplerBackedSource:
+    """What the train loop needs of a batch source beyond iteration: epoch length and total."""
+
+    sampler: StepSampler
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def set_total_steps(self, total: int) -> None:
+        self.sampler.total_steps = total
+
+
+class CachedBatchSource(SamplerBackedSource):
     """Micro-batches read from one or more caches through a DataLoader whose workers each open
     the cache themselves (forkserver: zarr handles are not fork-safe once used)."""
 
@@ -35,13 +48,6 @@ class CachedBatchSource:
                                    cfg.seed, rank, world_size, start_step=start_step)
         want_features = cfg.lambda_feat > 0 and self.feature_dim is not None
         self.dataset = CachedDistillDataset(cfg.cache, cfg.seed, cfg.flip_prob, cfg.color_jitter, want_features)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
-
-    def set_total_steps(self, total: int) -> None:
-        self.sampler.total_steps = total
 
     def describe(self) -> str:
         return f"{len(self.cache)} cached samples, teachers {', '.join(self.teachers)}"
