@@ -8,8 +8,9 @@
 Side by side in one run, on the same synthetic images: images/s of the bare teacher forwards
 over every view (region view + patches) of every image, images/s of the full pipeline (decode,
 crop, forward, quantise, compress, write) for each format, the ratio (goal >= 80%: I/O and
-compression hidden behind compute), and bytes per depth pixel / per image from `cache_info`.
-Codec encode/decode speeds: benchmarks/codecs.py.
+compression hidden behind compute), and bytes per depth pixel / per image from `cache_info`, and encode/decode MB/s of the cache's codecs
+on the samples just cached (one process; the pipeline runs encoders in parallel). The full codec
+comparison behind the choices is benchmarks/codecs.py.
 """
 
 from __future__ import annotations
@@ -91,7 +92,47 @@ def main() -> None:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         print(f"{'pipeline, ' + fmt:<24} {rate:>9.2f} {100 * rate / forward_rate:>10.0f}% {bpp:>11.3f} {per_image:>9.3f}")
+    print()
+    print(codec_table(work / f"cache_{rows[0][0]}"))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def codec_table(cache_dir: Path, samples: int = 8, repeat: int = 3) -> str:
+    """Encode/decode MB/s (of the decoded arrays) of the codecs the cache uses, on its own
+    decoded samples: the work each stage-1 encoder and each training data worker does."""
+    from dad.cache import codecs, open_cache
+
+    cache = open_cache(cache_dir)
+    picked = [cache.get(i) for i in range(min(samples, len(cache)))]
+    cache.close()
+    rgb_codec = cache.config["rgb_codec"]
+    depth = [d for s in picked for d in s.depth_region.values()]
+    depth += [p for s in picked for d in s.depth_patches.values() for p in d]
+    rgb = [s.rgb_region for s in picked] + [p for s in picked for p in s.rgb_patches]
+    feats = [f for s in picked for f in s.features.values()]
+    kinds = [
+        ("depth (q14 planar, blosc)", depth, lambda a: codecs.encode_depth(a), lambda a, e: codecs.decode_depth(e[0], a.shape, e[1])),
+        (f"rgb ({rgb_codec})", rgb, lambda a: codecs.encode_rgb(a, rgb_codec), lambda a, e: codecs.decode_rgb(e)),
+        ("features (f16, shuffle+zstd)", feats, lambda a: codecs.encode_features(a), lambda a, e: codecs.decode_features(e, a.shape)),
+    ]
+    lines = [f"{'codec':<30} {'enc MB/s':>9} {'dec MB/s':>9} {'ratio':>7}"]
+    for name, arrays, enc, dec in kinds:
+        if not arrays:
+            continue
+        raw = sum(a.nbytes for a in arrays) * repeat / 1e6
+        start = time.perf_counter()
+        for _ in range(repeat):
+            encoded = [enc(a) for a in arrays]
+        enc_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(repeat):
+            for a, e in zip(arrays, encoded):
+                dec(a, e)
+        dec_s = time.perf_counter() - start
+        stored = sum(len(e[0]) + e[1].nbytes if isinstance(e, tuple) else len(e) for e in encoded)
+        ratio = sum(a.nbytes for a in arrays) / stored
+        lines.append(f"{name:<30} {raw / enc_s:>9.1f} {raw / dec_s:>9.1f} {ratio:>6.1f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
