@@ -6,6 +6,7 @@ Shaped like torchtitan: ``train(config)`` sets things up and runs a short loop a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -180,7 +181,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
         batch = move_batch(batch, device)
         x = normalize(batch["rgb"])
         sync = i == len(micro_batches) - 1 or not isinstance(module, nn.parallel.DistributedDataParallel)
-        ctx = module.no_sync() if not sync else _null()
+        ctx = module.no_sync() if not sync else contextlib.nullcontext()
         with ctx:
             with autocast_for(device, cfg.precision):
                 depth, tokens = module(x)
@@ -205,25 +206,22 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
     return sums, finite
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --------------------------------------------------------------------------------------------
 # state
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG, as tensors and plain Python values (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    return {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
 
 
 def load_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"], key=np_state["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
 
 
@@ -287,7 +285,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, Any]:
     state = None
     if cfg.resume and (out_dir / STATE_FILE).exists():
-        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, foreign or from an older dad
+            raise ConfigError(f"{out_dir / STATE_FILE}: cannot be loaded to resume ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); start a new --output-dir, or delete it and re-run without --resume") from None
     elif cfg.resume:
         logger.info(f"--resume: no {STATE_FILE} in {out_dir}; starting from step 0")
     elif info.is_main and (out_dir / STATE_FILE).exists():

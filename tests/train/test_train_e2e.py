@@ -111,6 +111,23 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache):
+    from dad.errors import DadError
+    from dad.models import build_depth_model, save_depth_model
+    from dad.train.loop import train
+
+    broken = build_depth_model(TINY_JSON)
+    with torch.no_grad():
+        broken.depth_head.scratch.output_conv1.weight.fill_(float("nan"))
+    init = save_depth_model(broken, tmp_path / "nan.safetensors")
+    out = tmp_path / "run"
+    with pytest.raises(DadError, match="3 non-finite steps in a row at step 3: lower --lr"):
+        train(_cfg(cache, out, student_init=str(init), max_nonfinite_steps=3))
+    log = (out / "train.log").read_text()
+    assert "step 1: non-finite loss" in log and "update skipped (2 in a row)" in log
+    assert not (out / "student_final.safetensors").exists()
+
+
 def test_cached_loss_equals_online_loss(tmp_path, cache, scenes, tiny_checkpoint):
     from dad.train.data import CachedDistillDataset, StepSampler
     from dad.train.loop import DistillModule, _init_student, compute_losses
