@@ -456,7 +456,7 @@ def main() -> None:
         name, depths, feats = teacher_outputs(spec, views, args.feature_dim)
         depth_sets[f"{name}/photos"] = depths
         feature_sets[f"{name}/photos"] = feats
-    print(f"depth maps: " + ", ".join(f"{k} {len(v)}" for k, v in depth_sets.items()), flush=True)
+    print("depth maps: " + ", ".join(f"{k} {len(v)}" for k, v in depth_sets.items()), flush=True)
     print("\n".join(depth_table(depth_sets, args.repeat)), "\n", flush=True)
     print("\n".join(rgb_table({"photos (views)": views, "scenes": scene_rgb}, args.repeat)), "\n", flush=True)
     print("\n".join(feature_table(feature_sets, args.repeat)), "\n", flush=True)

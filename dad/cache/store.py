@@ -11,14 +11,15 @@ shard at a time (the work split of ``dad cache-teachers`` guarantees it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
-from collections import OrderedDict, deque
+from collections import OrderedDict
 import multiprocessing
 import threading
 import weakref
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -48,6 +49,7 @@ from dad.cache.schema import FORMAT_VERSION, FORMATS, CacheSample, SkippedInput
 from dad.cache.tar_shards import TarShardReader, kind_of_field, write_tar_shard
 from dad.cache.zarr_shards import ZarrShardReader, kind_of, write_zarr_shard
 from dad.errors import CacheError
+from dad.utils.parallel import ordered_map
 
 KINDS = ("rgb", "depth", "features", "meta")
 
@@ -58,25 +60,6 @@ def _default_encode_workers() -> int:
     except AttributeError:
         cpus = os.cpu_count() or 1
     return max(1, min(8, cpus - 1))
-
-
-def _ordered_map(fn: Callable[..., Any], items: Iterable[Any], pool: Executor | None, width: int, *args: Any) -> Iterator[Any]:
-    """``fn(item, *args)`` for each item, up to ``2 * width`` in flight in ``pool``, in input order."""
-    if pool is None:
-        for item in items:
-            yield fn(item, *args)
-        return
-    pending: deque = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item, *args))
-            if len(pending) >= 2 * width:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for fut in pending:
-            fut.cancel()
 
 
 def _remove(path: Path) -> None:
@@ -175,7 +158,8 @@ class CacheWriter:
 
         def encoded() -> Iterator[EncodedSample]:
             count = 0
-            for e in _ordered_map(encode_sample, samples, self._encoder_pool(), self.encode_workers, self.geometry):
+            encode = functools.partial(encode_sample, geo=self.geometry)
+            for e in ordered_map(encode, samples, self._encoder_pool(), 2 * self.encode_workers):
                 count += 1
                 if count > max_samples:
                     raise CacheError(f"shard {k}: more than {max_samples} samples (images_per_shard x regions_per_image); "

@@ -11,12 +11,13 @@ pixel, and deterministic from a seed.
 **Depth convention**: ``depth`` is z-depth in metres, the distance along the camera's optical
 axis (what a depth sensor and the NYU/KITTI ground truths store), *not* the length of the ray.
 Rays are built with a unit z component in the camera frame, so the ray parameter of a hit is its
-z-depth. Pixels that see the sky get ``FAR_DEPTH_M``, so every pixel is finite and positive.
+z-depth. Pixels that see the sky get ``FAR_DEPTH_M``, so every pixel is finite and positive (a
+usable training target); the evaluation layout marks them invalid instead.
 
 Layers: ``sample_scene`` draws a ``SceneDescription`` (resolution independent) from a generator;
 ``render_description`` ray-casts a description; ``render_scene`` does both from a seed;
 ``write_synthetic_dataset`` writes the generic evaluation layout (``<stem>.png`` and
-``<stem>_depth.png`` in 16-bit millimetres).
+``<stem>_depth.png`` in 16-bit millimetres, sky 0) with its depth range in ``meta.json``.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from PIL import Image
 from dad.errors import ConfigError, DataError
 from dad.utils.progress import progress
 
-# Bump when the same seed would render a different image (changes to the sampler or renderer).
-GENERATOR_VERSION = 1
+# Bump when the same seed would write different files (changes to the sampler, renderer, writer).
+GENERATOR_VERSION = 2  # 2: sky written as 0 (no ground truth) in the depth PNGs
 # Sky and anything beyond it; below 65.535 m so the 16-bit millimetre PNG holds it exactly.
 FAR_DEPTH_M = 60.0
 DEPTH_PNG_SCALE = 1000.0  # PNG value per metre (millimetres)
 DEPTH_PNG_MAX_M = 65535 / DEPTH_PNG_SCALE
+EVAL_MIN_DEPTH_M = 1e-3  # the generic layout's lower bound (SPEC 7)
 _EPS = 1e-4  # smallest accepted ray parameter, so surfaces do not hit themselves
 
 Vec3 = tuple[float, float, float]
@@ -663,7 +665,8 @@ def _parse_size(size: Sequence[int]) -> tuple[int, int]:
 def write_synthetic_dataset(out_dir: str | os.PathLike, num: int, size: tuple[int, int], seed: int,
                             show_progress: bool = True) -> list[Path]:
     """Write ``num`` scenes as ``<out>/scene_%05d.png`` (RGB) and ``scene_%05d_depth.png``
-    (uint16 millimetres of z-depth, 0 = invalid) plus ``meta.json``; returns the RGB paths.
+    (uint16 millimetres of z-depth, 0 = invalid: the sky) plus ``meta.json``, which also gives
+    the depth range `dad eval` applies; returns the RGB paths.
 
     Scene i is ``render_scene((seed, i), *size)``, so datasets with one seed agree whatever
     ``num``. Files appear atomically (depth before RGB); a rerun into the same folder with the
@@ -695,13 +698,18 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num: int, size: tuple[in
         if rgb_path.exists() and depth_path.exists():
             continue
         rgb, depth = render_scene((int(seed), i), height, width)
+        # sky has no ground truth, as in real benchmarks (LiDAR, DIODE's masks): scoring it
+        # against the renderer's arbitrary far value would measure that value, not the model
+        depth = np.where(depth < FAR_DEPTH_M, depth, 0.0)
         _save_atomic(Image.fromarray(depth_to_png16(depth)), depth_path)
         _save_atomic(Image.fromarray(rgb), rgb_path)
 
     meta = {
         "generator": "dad.data.synthetic", "generator_version": GENERATOR_VERSION, "seed": int(seed),
         "size": [height, width], "count": max(int(num), previous_count),
-        "depth": {"kind": "z-depth along the optical axis", "png_unit": "mm", "invalid": 0, "far_m": FAR_DEPTH_M},
+        "depth": {"kind": "z-depth along the optical axis", "png_unit": "mm", "invalid": "0 (sky)", "far_m": FAR_DEPTH_M},
+        # what `dad eval` reads as this folder's depth range (SPEC 7: predictions are clipped to it)
+        "depth_range": [EVAL_MIN_DEPTH_M, FAR_DEPTH_M],
     }
     tmp = meta_path.with_name(f".meta.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")

@@ -9,8 +9,9 @@ Layouts (``open_eval_dataset("NAME:PATH")``, or a plain path):
 
 - generic (a plain folder): ``X.jpg|png`` next to ``X_depth.png`` (16-bit, millimetres, 0 =
   invalid) or ``X_depth.npy`` (metres), searched recursively; an ``X_depth_mask.npy`` next to
-  them is applied. Range 1e-3..inf unless given. A folder holding ``*_depth_mask.npy`` files is
-  read as DIODE.
+  them is applied. Range 1e-3..inf unless given: by ``--depth-range``, else by a ``meta.json``
+  at the root holding ``"depth_range": [MIN, MAX]`` (as ``dad synth`` writes). A folder holding
+  ``*_depth_mask.npy`` files is read as DIODE.
 - nyuv2: either the labeled ``nyu_depth_v2_labeled.mat`` (HDF5 / MATLAB v7.3: ``images``
   (N, 3, W, H) uint8, ``rawDepths`` and ``depths`` (N, W, H) metres; ``rawDepths`` is used, as in
   the reference protocol) with the official test split (``testNdxs`` of ``splits.mat``, 1-based),
@@ -36,6 +37,7 @@ registered with their ground truth.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -259,6 +261,25 @@ class EvalDataset:
         return ""
 
 
+def _declared_depth_range(root: Path) -> tuple[float | None, float | None]:
+    """The ``"depth_range": [MIN, MAX]`` of ``root/meta.json``, or (None, None) if it has none."""
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        return None, None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{meta_path}: not readable JSON ({e}); fix or remove it") from None
+    declared = meta.get("depth_range") if isinstance(meta, dict) else None
+    if declared is None:
+        return None, None
+    try:
+        lo, hi = (float(v) for v in declared)
+    except (TypeError, ValueError):
+        raise DataError(f"{meta_path}: depth_range {declared!r} is not [MIN, MAX] in metres; fix it or pass --depth-range") from None
+    return lo, hi
+
+
 class GenericDataset(EvalDataset):
     """``X.jpg|png`` with ``X_depth.png`` (mm) or ``X_depth.npy`` (m), optional ``X_depth_mask.npy``."""
 
@@ -266,6 +287,8 @@ class GenericDataset(EvalDataset):
     require_mask = False
 
     def __init__(self, root, split=None, min_depth=None, max_depth=None) -> None:
+        if min_depth is None and max_depth is None and self.kind == "generic":
+            min_depth, max_depth = _declared_depth_range(Path(root))
         super().__init__(root, split, min_depth, max_depth)
         self._need_root()
         if split is not None:

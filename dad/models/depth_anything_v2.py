@@ -8,7 +8,7 @@ Parameter names equal the upstream release's, so released checkpoints load with 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch

@@ -25,7 +25,6 @@ import re
 import sys
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -44,6 +43,7 @@ from dad.pipeline.grid import GRID_VERSION, RESAMPLING, check_grid_settings, ext
 from dad.pipeline.sources import ImageSource, open_source
 from dad.pipeline.teachers import Teacher, TeacherSpec, parse_teacher_specs
 from dad.utils.images import load_rgb
+from dad.utils.parallel import ordered_map
 from dad.utils.progress import Progress
 
 # Images per work shard. A shard is the unit of resumption and of atomic publication; at the
@@ -235,24 +235,13 @@ def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int
     return out
 
 
-def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: int, lookahead: int) -> Iterator[Any]:
+def _prepared(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: int, lookahead: int) -> Iterator[Any]:
     """``map(fn, items)`` computed by ``num_workers`` threads at most ``lookahead`` items ahead."""
     if num_workers <= 0:
         yield from map(fn, items)
         return
     with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="dad-prepare") as pool:
-        pending: deque = deque()
-        it = iter(items)
-        try:
-            for item in it:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= lookahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()
+        yield from ordered_map(fn, items, pool, lookahead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +484,7 @@ def cache_teachers(
     background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log)
     sink = None
     try:
-        prepared = _ordered_map(prepare, work, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
+        prepared = _prepared(prepare, work, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
         for shard, items in groupby(prepared, key=lambda p: p.shard):
             sink = background.begin(shard, total_shards)
             for batch in _batches(items, batch_size):

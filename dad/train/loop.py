@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 
 from dad.errors import ConfigError, DadError
 from dad.infer import autocast_for, normalize, resolve_device
-from dad.models import DepthAnythingV2, build_depth_model, load_depth_model, resolve_arch, save_depth_model
+from dad.models import DepthAnythingV2, build_depth_model, load_depth_model, save_depth_model
 from dad.train.config import TrainConfig
 from dad.train.losses import (
     FeatureProjection,

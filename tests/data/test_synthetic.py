@@ -180,14 +180,20 @@ def test_dataset_round_trips_and_agrees_across_counts(tmp_path):
         [p.name for p in paths] + [p.stem + "_depth.png" for p in paths] + ["meta.json"])  # no temporaries left
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["seed"] == 7 and meta["size"] == [24, 32] and meta["count"] == 3 and "generator_version" in meta
+    assert meta["depth_range"] == [1e-3, FAR_DEPTH_M]
 
+    skies = 0
     for i, path in enumerate(paths):
         rgb, depth = render_scene((7, i), 24, 32)
         np.testing.assert_array_equal(np.asarray(Image.open(path)), rgb)
         with Image.open(path.with_name(path.stem + "_depth.png")) as img:
             stored = np.asarray(img)
-        assert stored.dtype == np.uint16 and stored.shape == (24, 32) and (stored > 0).all()
-        assert np.abs(stored / 1000.0 - depth).max() <= 0.0005 + 1e-6
+        sky = depth >= FAR_DEPTH_M
+        skies += int(sky.sum())
+        assert stored.dtype == np.uint16 and stored.shape == (24, 32)
+        assert (stored[sky] == 0).all() and (stored[~sky] > 0).all()  # the sky has no ground truth
+        assert np.abs(stored[~sky] / 1000.0 - depth[~sky]).max() <= 0.0005 + 1e-6
+    assert skies > 0  # the check above saw some sky
 
     fewer = write_synthetic_dataset(tmp_path / "b", 2, (24, 32), seed=7, show_progress=False)
     for p, q in zip(paths, fewer):

@@ -90,6 +90,27 @@ def test_generic_split_limit_and_depth_range(tmp_path):
         open_eval_dataset(tmp_path, split=tmp_path / "bad.txt")
 
 
+def test_generic_depth_range_declared_in_meta_json(tmp_path):
+    for i, metres in enumerate([1.0, 5.0, 20.0]):
+        _save_rgb(tmp_path / f"s{i}.png", _rgb(4, 4, i))
+        np.save(tmp_path / f"s{i}_depth.npy", np.full((4, 4), metres, np.float32))
+    (tmp_path / "meta.json").write_text('{"generator": "elsewhere"}')  # no range: the default
+    assert open_eval_dataset(tmp_path).max_depth == math.inf
+    (tmp_path / "meta.json").write_text('{"depth_range": [2.0, 10.0]}')
+    declared = open_eval_dataset(tmp_path)
+    assert (declared.min_depth, declared.max_depth) == (2.0, 10.0)
+    assert [int(s.valid.sum()) for s in declared] == [0, 16, 0]
+    assert declared.describe()["max_depth"] == 10.0  # written into results
+    overridden = open_eval_dataset(tmp_path, depth_range=(0.5, 30.0))  # --depth-range wins
+    assert [int(s.valid.sum()) for s in overridden] == [16, 16, 16]
+    (tmp_path / "meta.json").write_text('{"depth_range": "far"}')
+    with pytest.raises(DataError, match=r"meta\.json: depth_range"):
+        open_eval_dataset(tmp_path)
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(DataError, match=r"meta\.json: not readable JSON"):
+        open_eval_dataset(tmp_path)
+
+
 def test_generic_errors_name_the_file(tmp_path):
     _save_rgb(tmp_path / "x.png", _rgb(4, 4))
     with pytest.raises(DataError, match=r"x\.png: no ground truth; expected x_depth\.png"):

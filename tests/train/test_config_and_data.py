@@ -7,7 +7,7 @@ import pytest
 
 from dad.cache.schema import CacheSample
 from dad.errors import ConfigError, DataError
-from dad.train.config import TrainConfig, build_config, parse_teacher_probs, read_config_file
+from dad.train.config import build_config, parse_teacher_probs, read_config_file
 from dad.train.data import StepSampler, augment_sample, teacher_for_step
 
 
