@@ -63,14 +63,24 @@ def _cli(*args, **kw):
 
 
 def test_cli_run_logs_checkpoints_and_infers(tmp_path, cache, scenes):
+    from dad.data.synthetic import write_synthetic_dataset
+
+    val = tmp_path / "valset"
+    write_synthetic_dataset(val, 3, (42, 56), seed=9, show_progress=False)
     out = tmp_path / "run"
     r = _cli("train", "--cache", cache, "--student-arch", TINY_JSON, "--output-dir", out, "--batch-size", 4,
              "--num-iterations", 8, "--checkpoint-interval", 4, "--log-interval", 2, "--num-workers", 2,
-             "--device", "cpu", "--lr", "5e-4", "--normalization", "hybrid", "--teacher-probs", "tiny=1")
+             "--device", "cpu", "--lr", "5e-4", "--normalization", "hybrid", "--teacher-probs", "tiny=1",
+             "--val", f"{val}:2", "--val-interval", 4, "--val-input-size", 42)
     assert r.returncode == 0, r.stderr + r.stdout
     assert sorted(p.name for p in out.glob("student_checkpoint_*.safetensors")) == [
         "student_checkpoint_4.safetensors", "student_checkpoint_8.safetensors"]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in lines if "val" in r]
+    assert [(v["step"], v["val"]) for v in vals] == [(4, "valset:2"), (8, "valset:2")]
+    assert all(0 < v["abs_rel"] < 10 and 0 <= v["delta1"] <= 1 for v in vals)
+    assert "val valset:2: abs_rel" in (out / "train.log").read_text()
+    records = [r for r in lines if "val" not in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     for rec in records:
         for key in ("loss_sc", "loss_lg", "loss_feat", "loss_grad", "total", "lr", "teacher", "samples_per_s", "data_wait_frac"):
