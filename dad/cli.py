@@ -203,7 +203,7 @@ def synth(out, num, size, seed):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--limit", default=None, type=int, help="Only the first N images of each dataset.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True)
-@click.option("--depth-range", "depth_range", nargs=2, type=float, default=None, help="MIN MAX metres for generic folders.")
+@click.option("--depth-range", "depth_range", nargs=2, type=float, default=None, help="MIN MAX metres for generic folders [their meta.json depth_range, else 1e-3 inf].")
 @handle_errors
 def evaluate(checkpoint, arch, datasets, split, input_size, output, save_predictions, device, limit, precision, depth_range):
     """Zero-shot AbsRel / delta1 with the standard affine-invariant protocol."""
