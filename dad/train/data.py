@@ -50,11 +50,18 @@ class StepSampler:
 
     Each rank reads a disjoint part of each epoch's permutation; the last incomplete batch of
     an epoch is dropped so all ranks take the same number of steps.
+
+    ``pools`` (teacher -> indices of the samples that have its outputs) matters when not every
+    sample has every teacher, e.g. ``--cache A --cache B`` with one teacher cached in each: a
+    step that draws teacher T then reads the next batch of T's own pool, which has epochs of its
+    own. (A teacher's position in its pool is the number of earlier steps that drew it, a pure
+    function of the seed, so resuming still replays the same batches.)
     """
 
     def __init__(self, num_samples: int, batch_size: int, grad_accum: int, teachers: Sequence[str],
                  teacher_probs: dict[str, float], seed: int, rank: int = 0, world_size: int = 1,
-                 total_steps: int | None = None, start_step: int = 0) -> None:
+                 total_steps: int | None = None, start_step: int = 0,
+                 pools: dict[str, np.ndarray] | None = None) -> None:
         self.num_samples, self.batch_size, self.grad_accum = num_samples, batch_size, grad_accum
         self.teachers, self.teacher_probs, self.seed = list(teachers), teacher_probs, seed
         self.rank, self.world_size = rank, world_size
@@ -64,6 +71,15 @@ class StepSampler:
                 f"the cache has {num_samples} samples: too few for {world_size} rank(s) x --batch-size {batch_size}"
                 f" x --grad-accum {grad_accum}; cache more images or lower --batch-size"
             )
+        self.pools: dict[str, np.ndarray] | None = None
+        if pools is not None and any(len(pools.get(t, ())) != num_samples for t in self.teachers):
+            self.pools = {t: np.asarray(pools.get(t, ()), dtype=np.int64) for t in self.teachers}
+            for t, pool in self.pools.items():
+                if self._pool_steps_per_epoch(len(pool)) < 1 and (not teacher_probs or teacher_probs.get(t, 0) > 0):
+                    raise DataError(
+                        f"teacher {t!r} has {len(pool)} cached samples: too few for {world_size} rank(s) x --batch-size "
+                        f"{batch_size} x --grad-accum {grad_accum}; cache more images with it or give it probability 0 in --teacher-probs"
+                    )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -73,17 +89,34 @@ class StepSampler:
     def steps_per_epoch(self) -> int:
         return self.batches_per_epoch // self.grad_accum
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch, 0x5A3]).permutation(self.num_samples)
-        per_rank = self.num_samples // self.world_size
+    def _pool_steps_per_epoch(self, pool_size: int) -> int:
+        return (pool_size // self.world_size) // self.batch_size // self.grad_accum
+
+    def epoch_order(self, epoch: int, teacher: str | None = None) -> np.ndarray:
+        """This rank's sample indices for ``epoch`` (of ``teacher``'s pool when pools differ)."""
+        if self.pools is None or teacher is None:
+            perm = np.random.default_rng([self.seed, epoch, 0x5A3]).permutation(self.num_samples)
+        else:
+            pool = self.pools[teacher]
+            perm = pool[np.random.default_rng([self.seed, epoch, 0x5A3, self.teachers.index(teacher)]).permutation(len(pool))]
+        per_rank = len(perm) // self.world_size
         return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def __iter__(self) -> Iterator[BatchPlan]:
+        uses = {t: 0 for t in self.teachers}  # steps so far that drew each teacher (pools only)
+        if self.pools is not None:
+            for past in range(self.start_step):
+                uses[teacher_for_step(self.seed, past, self.teachers, self.teacher_probs)] += 1
         step = self.start_step
         while self.total_steps is None or step < self.total_steps:
-            epoch, in_epoch = divmod(step, self.steps_per_epoch)
-            order = self.epoch_order(epoch)
             teacher = teacher_for_step(self.seed, step, self.teachers, self.teacher_probs)
+            if self.pools is None:
+                epoch, in_epoch = divmod(step, self.steps_per_epoch)
+                order = self.epoch_order(epoch)
+            else:
+                epoch, in_epoch = divmod(uses[teacher], self._pool_steps_per_epoch(len(self.pools[teacher])))
+                uses[teacher] += 1
+                order = self.epoch_order(epoch, teacher)
             for micro in range(self.grad_accum):
                 b = in_epoch * self.grad_accum + micro
                 idx = order[b * self.batch_size : (b + 1) * self.batch_size]

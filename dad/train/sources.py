@@ -44,8 +44,9 @@ class CachedBatchSource(SamplerBackedSource):
         self.teachers = list(cache.teachers)
         header = cache.config
         self.feature_dim = int(header["feature_dim"]) if header.get("features") else None
+        pools = {t: cache.indices_with_teacher(t) for t in self.teachers}
         self.sampler = StepSampler(len(cache), cfg.batch_size, cfg.grad_accum, self.teachers, cfg.teacher_probs,
-                                   cfg.seed, rank, world_size, start_step=start_step)
+                                   cfg.seed, rank, world_size, start_step=start_step, pools=pools)
         want_features = cfg.lambda_feat > 0 and self.feature_dim is not None
         self.dataset = CachedDistillDataset(cfg.cache, cfg.seed, cfg.flip_prob, cfg.color_jitter, want_features)
 

@@ -73,6 +73,30 @@ def test_sampler_is_disjoint_across_ranks_and_resumable():
     assert resumed == [p for p in r0 if p.step >= 5]
 
 
+def test_sampler_reads_each_teachers_own_pool():
+    """--cache A --cache B with one teacher in each: a step's samples all have its teacher."""
+    pools = {"a": np.arange(0, 20), "b": np.arange(20, 31)}
+    kw = dict(num_samples=31, batch_size=2, grad_accum=1, teachers=["a", "b"], teacher_probs={}, seed=5, total_steps=40, pools=pools)
+    r0 = list(StepSampler(rank=0, world_size=2, **kw))
+    r1 = list(StepSampler(rank=1, world_size=2, **kw))
+    assert {p.teacher for p in r0} == {"a", "b"}
+    for p0, p1 in zip(r0, r1):
+        assert set(p0.indices) <= set(pools[p0.teacher].tolist()) and len(p0.indices) == 2
+        assert p0.teacher == p1.teacher and not set(p0.indices) & set(p1.indices)
+    # teacher b's first epoch on rank 0 (5 of its samples per rank: 2 batches) repeats nothing
+    b_steps = [p.indices for p in r0 if p.teacher == "b"][:2]
+    assert len({i for idx in b_steps for i in idx}) == 4
+    resumed = list(StepSampler(rank=0, world_size=2, start_step=23, **kw))
+    assert resumed == [p for p in r0 if p.step >= 23]
+    # pools that hold every sample change nothing
+    full = {"a": np.arange(31), "b": np.arange(31)}
+    same = dict(kw, pools=full)
+    assert list(StepSampler(**same)) == list(StepSampler(**dict(kw, pools=None)))
+    with pytest.raises(DataError, match="teacher 'b' has 1 cached samples"):
+        StepSampler(**dict(kw, pools={"a": np.arange(30), "b": np.arange(30, 31)}))
+    assert len(list(StepSampler(**dict(kw, pools={"a": np.arange(31), "b": np.zeros(0)}, teacher_probs={"a": 1.0})))) == 40
+
+
 def test_sampler_too_small_cache_is_an_error():
     with pytest.raises(DataError, match="--batch-size"):
         StepSampler(3, 4, 1, ["a"], {}, 0)

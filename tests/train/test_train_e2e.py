@@ -121,6 +121,23 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_one_teacher_per_cache_trains_on_each_teachers_own_samples(tmp_path, cache, scenes, tiny_checkpoint):
+    """Teachers cached by separate jobs into separate caches, then trained together."""
+    from dad.pipeline.cache_teachers import cache_teachers
+    from dad.train.loop import train
+
+    other = tmp_path / "other"
+    cache_teachers(images=str(scenes), teachers=[f"second={tiny_checkpoint}"], output=str(other), fmt="webdataset",
+                   shard_size=8, device="cpu", batch_size=8, show_progress=False, num_workers=0, **GRID)
+    out = tmp_path / "run"
+    cfg = _cfg(cache, out, num_iterations=10, checkpoint_interval=10, teacher_probs={"tiny": 0.5, "second": 0.5})
+    cfg.cache = [str(cache), str(other)]
+    train(cfg)
+    used = {json.loads(line)["teacher"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert used == {"tiny", "second"}
+    assert (out / "student_final.safetensors").exists()
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache):
     from dad.errors import DadError
     from dad.models import build_depth_model, save_depth_model
