@@ -254,11 +254,14 @@ def _patches(ctx, param, value):
 @click.option("--batch-size", "--batch_size", "batch_size", default=4, show_default=True, type=int, help="Images per teacher batch.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--grid-seed", "--grid_seed", "grid_seed", default=0, show_default=True, type=int, help="Seed of the crop grid.")
-@click.option("--num-workers", "--num_workers", "num_workers", default=2, show_default=True, type=int, help="Decode/encode workers.")
+@click.option("--num-workers", "--num_workers", "num_workers", default=2, show_default=True, type=int,
+              help="Threads that read, decode and crop images ahead of the teachers.")
+@click.option("--encode-workers", "--encode_workers", "encode_workers", default=None, type=int,
+              help="Processes that compress samples behind the teachers (default: usable CPUs - 1, at most 32).")
 @handle_errors
 def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,
                        patches, features, feature_dim, rgb_codec, shard_size, num_shards, shard_index, batch_size, device,
-                       grid_seed, num_workers):
+                       grid_seed, num_workers, encode_workers):
     """Stage 1: run the teachers once over the crop grid of every image and cache their outputs."""
     from dad.pipeline.cache_teachers import cache_teachers
 
@@ -267,6 +270,7 @@ def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_cr
         local_crop_size=local_crop_size, min_region=min_region, regions_per_image=regions_per_image, patches=patches,
         features=features, feature_dim=feature_dim, rgb_codec=rgb_codec, shard_size=shard_size, num_shards=num_shards,
         shard_index=shard_index, batch_size=batch_size, device=device, grid_seed=grid_seed, num_workers=num_workers,
+        encode_workers=encode_workers,
     )
     click.echo(json.dumps(summary, indent=2, default=str))
 

@@ -59,7 +59,9 @@ def _default_encode_workers() -> int:
         cpus = len(os.sched_getaffinity(0))  # what this job may use (SLURM/taskset), not the node's count
     except AttributeError:
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus - 1))
+    # PNG level 6 costs ~0.1 s of a core per 560 px view, so a GPU teacher needs most of a node's
+    # share of cores to keep up (benchmarks/cache.py); the cap only bounds process start-up
+    return max(1, min(32, cpus - 1))
 
 
 def _remove(path: Path) -> None:
@@ -120,6 +122,13 @@ class CacheWriter:
             self._pool = ProcessPoolExecutor(self.encode_workers, mp_context=multiprocessing.get_context("spawn"))
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
+
+    def start_encoders(self) -> None:
+        """Start the encoder processes now (they start at the first sample otherwise), so that
+        their start-up overlaps the caller's (loading teachers, the first decodes)."""
+        pool = self._encoder_pool()
+        if pool is not None:
+            pool.submit(int)  # a process pool starts its workers at the first task
 
     def close(self) -> None:
         """Stop the encoder processes (also done at exit); the writer can still be used after."""

@@ -121,7 +121,7 @@ def _device_for(device: str, split: WorkSplit) -> torch.device:
             raise ConfigError(f"LOCAL_RANK={split.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
                               "start torchrun with --nproc-per-node <= the GPU count")
         dev = torch.device("cuda", split.local_rank)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dev.index is not None:  # set_device rejects a bare "cuda"
         torch.cuda.set_device(dev)
     return dev
 
@@ -418,6 +418,7 @@ def cache_teachers(
     device: str = "auto",
     grid_seed: int = 0,
     num_workers: int = 2,
+    encode_workers: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run stage 1 for this job's part of the work; see the module docstring. ``num_shards`` /
@@ -432,6 +433,8 @@ def cache_teachers(
         raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
     if num_workers < 0:
         raise ConfigError(f"--num-workers {num_workers}: must be >= 0")
+    if encode_workers is not None and encode_workers < 1:
+        raise ConfigError(f"--encode-workers {encode_workers}: must be >= 1 (1 encodes in the writer thread)")
     images_per_shard = DEFAULT_SHARD_SIZE[fmt] if shard_size is None else int(shard_size)
     if images_per_shard < 1:
         raise ConfigError(f"--shard-size {shard_size}: must be >= 1 images per shard")
@@ -459,11 +462,13 @@ def cache_teachers(
                           grid_seed=grid_seed)
     from dad.cache import create_cache_writer
 
-    writer = create_cache_writer(output, fmt, header)
+    writer = create_cache_writer(output, fmt, header, encode_workers=encode_workers)
     total_shards = header["num_shards"]
     mine = [k for k in range(total_shards) if split.owns(k)]
     todo = [k for k in mine if not writer.is_complete(k)]
     n_keys = len(source.keys)
+    if todo:
+        writer.start_encoders()
     log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index + 1}/{split.num_parts} "
         f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}")
 
@@ -480,6 +485,7 @@ def cache_teachers(
     work = [(k, i) for k in todo for i in range(k * images_per_shard, min((k + 1) * images_per_shard, n_keys))]
     bar = Progress(len(work), desc="cache-teachers", unit="img", enabled=show_progress)
     images_cached = samples_written = 0
+    after_first_batch: tuple[float, int] | None = None  # (time, images done) once start-up is over
     skipped_all: list[SkippedInput] = []
     background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log)
     sink = None
@@ -498,6 +504,8 @@ def cache_teachers(
                         sink.put(sample)
                         samples_written += 1
                 images_cached += len(good)
+                if after_first_batch is None:
+                    after_first_batch = (time.perf_counter(), bar.count + len(batch))
                 bar.update(len(batch), postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
             sink.end()
             sink = None
@@ -509,7 +517,11 @@ def cache_teachers(
         bar.close()
 
     finalized = writer.finalize()
-    seconds = time.perf_counter() - t_start
+    t_end = time.perf_counter()
+    seconds = t_end - t_start
+    steady = None
+    if after_first_batch is not None and len(work) > after_first_batch[1] and t_end > after_first_batch[0]:
+        steady = round((len(work) - after_first_batch[1]) / (t_end - after_first_batch[0]), 2)
     if finalized:
         log(f"all {total_shards} shards complete: manifest written to {output}")
     return {
@@ -522,4 +534,6 @@ def cache_teachers(
         "teacher_forwards": {t.name: t.forward_calls for t in teacher_objs},
         "finalized": bool(finalized), "device": str(dev), "seconds": round(seconds, 2),
         "images_per_second": round(len(work) / seconds, 2) if seconds > 0 else None,
+        # the rate after the first batch: start-up (teacher load, encoder processes) left out
+        "steady_images_per_second": steady,
     }

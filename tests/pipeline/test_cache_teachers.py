@@ -178,10 +178,12 @@ def test_cached_values_equal_the_teacher_on_the_recorded_crop(reference, image_d
 def test_parts_give_the_same_cache(reference, image_dir, teachers, tmp_path):
     fmt, ref, _ = reference
     out = tmp_path / "parts"
-    one = _run(image_dir, teachers, out, fmt, num_shards=2, shard_index=1)
+    # the parts also differ in how they encode: a pool of encoder processes, and the writer thread
+    one = _run(image_dir, teachers, out, fmt, num_shards=2, shard_index=1, encode_workers=2)
     assert not one["finalized"] and one["shards_written"] == 2  # 12 inputs / 3 per shard = 4 shards
-    two = _run(image_dir, teachers, out, fmt, num_shards=2, shard_index=0, num_workers=0)
+    two = _run(image_dir, teachers, out, fmt, num_shards=2, shard_index=0, num_workers=0, encode_workers=1)
     assert two["finalized"] and two["shards_written"] == 2
+    assert one["steady_images_per_second"] > 0  # 6 images in batches of 3: a rate after the first batch
     _assert_same(_content(ref), _content(out))
 
 
