@@ -89,7 +89,8 @@ def main() -> None:
                                  batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
                                  encode_workers=args.encode_workers, rgb_codec=codec, show_progress=False)
         whole = args.images / (time.perf_counter() - start)
-        rows.append((f"{fmt}, {codec}", whole, summary["steady_images_per_second"] or whole, cache_info(out)))
+        rows.append((f"{fmt}, {codec}", whole, summary["steady_images_per_second"] or whole, cache_info(out),
+                     summary["time_split"]))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     from dad.cache.store import _default_encode_workers
@@ -97,14 +98,16 @@ def main() -> None:
     encoders = args.encode_workers or _default_encode_workers()
     print(f"teacher {args.teacher_arch}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {args.num_workers} decode threads, {encoders} encoder processes")
-    print(f"{'what':<26} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}")
+    print(f"{'what':<26} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
+          f"   main thread: teachers/input/writer")
     print(f"{'teacher forwards alone':<26} {forward_rate:>9.2f} {forward_rate:>8.2f} {'100%':>11}")
-    for label, whole, steady, info in rows:
+    for label, whole, steady, info, split in rows:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         print(f"{'pipeline, ' + label:<26} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate:>10.0f}% {bpp:>11.3f} "
-              f"{per_image:>9.3f}")
-    print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady)")
+              f"{per_image:>9.3f}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
+    print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady;\n"
+          " main thread: its time in the teacher calls / waiting for decoded images / waiting for the encoders and writer)")
     print()
     print(codec_table(out))
     shutil.rmtree(work, ignore_errors=True)

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -253,6 +254,51 @@ _END, _ABORT = object(), object()
 
 class _Aborted(Exception):
     """Raised inside ``write_shard``'s sample iterator so an unfinished shard is never published."""
+
+
+class _TimeSplit:
+    """Where the main thread's time goes: the teachers (the GPU's work), waiting for decoded
+    images (too few --num-workers), waiting for the writer (too few --encode-workers / a slow
+    codec). Shown after a run and in its summary, so a slow job says what to change."""
+
+    HINTS = {"input": "raise --num-workers", "writer": "raise --encode-workers or use --rgb-codec png1"}
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(("teachers", "input", "writer"), 0.0)
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - start
+
+    def timed_iter(self, items: Iterable[Any], what: str) -> Iterator[Any]:
+        it = iter(items)
+        while True:
+            with self(what):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+
+    def fractions(self) -> dict[str, float]:
+        total = sum(self.seconds.values())
+        return {k: round(v / total, 3) if total > 0 else 0.0 for k, v in self.seconds.items()}
+
+    def describe(self) -> str:
+        parts = []
+        for what, frac in self.fractions().items():
+            label = {"teachers": "in the teachers", "input": "waiting for decoded images",
+                     "writer": "waiting for the writer"}[what]
+            hint = f" ({self.HINTS[what]})" if what in self.HINTS and frac > 0.2 else ""
+            parts.append(f"{100 * frac:.0f}% {label}{hint}")
+        return "main thread: " + ", ".join(parts)
 
 
 class _BackgroundWriter:
@@ -489,8 +535,10 @@ def cache_teachers(
     skipped_all: list[SkippedInput] = []
     background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log)
     sink = None
+    clock = _TimeSplit()
     try:
-        prepared = _prepared(prepare, work, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
+        prepared = clock.timed_iter(_prepared(prepare, work, num_workers, lookahead=max(2 * batch_size, 4 * num_workers)),
+                                    "input")
         for shard, items in groupby(prepared, key=lambda p: p.shard):
             sink = background.begin(shard, total_shards)
             for batch in _batches(items, batch_size):
@@ -500,16 +548,22 @@ def cache_teachers(
                         sink.skipped.append(p.skipped)
                         skipped_all.append(p.skipped)
                 if good:
-                    for sample in samples_for_batch(good, teacher_objs, features):
-                        sink.put(sample)
-                        samples_written += 1
+                    with clock("teachers"):
+                        samples = samples_for_batch(good, teacher_objs, features)
+                    with clock("writer"):
+                        for sample in samples:
+                            sink.put(sample)
+                            samples_written += 1
                 images_cached += len(good)
                 if after_first_batch is None:
                     after_first_batch = (time.perf_counter(), bar.count + len(batch))
+                    clock.reset()  # the split, like the steady rate, leaves start-up out
                 bar.update(len(batch), postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
-            sink.end()
+            with clock("writer"):
+                sink.end()
             sink = None
-        background.close()
+        with clock("writer"):
+            background.close()
     except BaseException:
         background.abort(sink)
         raise
@@ -522,6 +576,9 @@ def cache_teachers(
     steady = None
     if after_first_batch is not None and len(work) > after_first_batch[1] and t_end > after_first_batch[0]:
         steady = round((len(work) - after_first_batch[1]) / (t_end - after_first_batch[0]), 2)
+    split_after_start = clock.fractions()
+    if steady is not None:
+        log(f"{steady:.2f} img/s after the first batch; {clock.describe()}")
     if finalized:
         log(f"all {total_shards} shards complete: manifest written to {output}")
     return {
@@ -536,4 +593,5 @@ def cache_teachers(
         "images_per_second": round(len(work) / seconds, 2) if seconds > 0 else None,
         # the rate after the first batch: start-up (teacher load, encoder processes) left out
         "steady_images_per_second": steady,
+        "time_split": split_after_start,
     }
