@@ -246,8 +246,23 @@ def save_depth_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, _new_file_mode())  # safetensors writes 0600; a shared checkpoint follows the umask like any file
     os.replace(tmp, path)
     return path
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` would give a new file under this process's umask."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it (os.umask is process-wide)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def convert_checkpoint(

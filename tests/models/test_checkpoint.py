@@ -75,6 +75,9 @@ def test_dad_checkpoint_is_self_describing(tmp_path):
     assert meta["arch"]["embed_dim"] == 48 and meta["extra"]["step"] == 7
     assert _same_weights(load_depth_model(path), model.state_dict())
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # the umask's mode, not safetensors' 0600
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16), (None, torch.float32)])
