@@ -40,6 +40,15 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], column_titles: Sequence[str
     return path
 
 
+def _log_or_gap(values: np.ndarray) -> np.ndarray:
+    """log10 of the positive values; NaN (a gap in the line) for zero or negative ones, which a
+    log axis cannot show (a loss term that is exactly 0 on some step, say)."""
+    out = np.full(values.shape, np.nan)
+    positive = values > 0
+    out[positive] = np.log10(values[positive])
+    return out
+
+
 def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = "",
                xlabel: str = "step", ylabel: str = "", size: tuple[int, int] = (640, 360), log_y: bool = False) -> Path:
     """Named (x, y) series on shared axes with a legend; optional log-scale y."""
@@ -49,7 +58,7 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
     draw = ImageDraw.Draw(canvas)
     xs = np.concatenate([np.asarray(x, float) for x, _ in series.values()]) if series else np.zeros(1)
     ys = np.concatenate([np.asarray(y, float) for _, y in series.values()]) if series else np.zeros(1)
-    ys_t = np.log10(np.clip(ys, 1e-12, None)) if log_y else ys
+    ys_t = _log_or_gap(ys) if log_y else ys
     finite = np.isfinite(ys_t)
     x0, x1 = float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1
     y0, y1 = (float(ys_t[finite].min()), float(ys_t[finite].max())) if finite.any() else (0.0, 1.0)
@@ -73,10 +82,17 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
     draw.text((left, 4), title + (f"  ({ylabel}, log scale)" if log_y else f"  ({ylabel})" if ylabel else ""), fill=(0, 0, 0))
     for i, (name, (x, y)) in enumerate(series.items()):
         color = _PALETTE[i % len(_PALETTE)]
-        yv = np.log10(np.clip(np.asarray(y, float), 1e-12, None)) if log_y else np.asarray(y, float)
-        pts = [px(a, b) for a, b in zip(np.asarray(x, float), yv) if np.isfinite(b)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
+        yv = _log_or_gap(np.asarray(y, float)) if log_y else np.asarray(y, float)
+        run: list[tuple[float, float]] = []
+        for a, b in [*zip(np.asarray(x, float), yv), (np.nan, np.nan)]:  # a gap ends a line
+            if np.isfinite(b):
+                run.append(px(a, b))
+                continue
+            if len(run) > 1:
+                draw.line(run, fill=color, width=2)
+            elif run:
+                draw.point(run, fill=color)
+            run = []
         draw.rectangle([w - right - 150, top + 6 + 14 * i, w - right - 140, top + 14 + 14 * i], fill=color)
         draw.text((w - right - 136, top + 3 + 14 * i), name, fill=(0, 0, 0))
     path = Path(path)
