@@ -98,7 +98,7 @@ def run_quickstart(workdir: str | Path, settings: QuickstartSettings | None = No
     )
     timings["cache"] = time.time() - t
 
-    _stage("3/6 training the student (the teacher's first 4 blocks, a new head) from the cache (dad train)")
+    _stage(f"3/6 training the student (the teacher's first {STUDENT_ARCH['depth']} blocks, a new head) from the cache (dad train)")
     t = time.time()
     torch.manual_seed(s.seed)
     init_ckpt = work / "student_init.safetensors"
@@ -181,6 +181,9 @@ def write_report(work: Path, results: dict[str, Any], run_dir: Path, timings: di
     from dad.utils.figures import disparity_rgb, image_grid, line_chart
 
     table = {name: {"abs_rel": _mean(r, "abs_rel"), "delta1": _mean(r, "delta1")} for name, r in results.items()}
+    from dad.models import read_checkpoint_metadata
+
+    teacher_arch = read_checkpoint_metadata(bundled_teacher_path())["arch"]
     teacher_params = _parameter_count(bundled_teacher_path())
     student_params = _parameter_count(run_dir / "student_final.safetensors")
     before, after, teacher = (table[k]["abs_rel"] for k in ("student before", "student after", "teacher"))
@@ -218,8 +221,8 @@ def write_report(work: Path, results: dict[str, Any], run_dir: Path, timings: di
         "# dad quickstart report", "",
         f"Synthetic scenes ({s.image_size[0]}x{s.image_size[1]}): {s.train_images} to cache and train on, "
         f"{s.eval_images} held out with exact ground truth. Teacher: the bundled synthetic teacher "
-        f"(tiny Depth Anything V2, embed 96, 6 blocks, {teacher_params / 1e6:.2f} M parameters). Student: its first "
-        f"4 blocks (copied from the teacher) under a new, random DPT head of half the feature width ({student_params / 1e6:.2f} M "
+        f"(tiny Depth Anything V2, embed {teacher_arch['embed_dim']}, {teacher_arch['depth']} blocks, "
+        f"{teacher_params / 1e6:.2f} M parameters). Student: its first {STUDENT_ARCH['depth']} blocks (copied from the teacher) under a new, random DPT head of half the feature width ({student_params / 1e6:.2f} M "
         f"parameters), trained {s.steps} steps from the cache. Sky has no ground truth and depth is capped at 60 m "
         f"(the `dad synth` convention). Evaluation: per-image least-squares scale and shift in disparity, "
         f"AbsRel and delta1 (SPEC section 7), input size {s.eval_input_size}.", "",

@@ -261,13 +261,14 @@ class _TimeSplit:
     images (too few --num-workers), waiting for the writer (too few --encode-workers / a slow
     codec). Shown after a run and in its summary, so a slow job says what to change."""
 
+    LABELS = {"teachers": "in the teachers", "input": "waiting for decoded images", "writer": "waiting for the writer"}
     HINTS = {"input": "raise --num-workers", "writer": "raise --encode-workers or use --rgb-codec png1"}
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.seconds = dict.fromkeys(("teachers", "input", "writer"), 0.0)
+        self.seconds = dict.fromkeys(self.LABELS, 0.0)
 
     @contextmanager
     def __call__(self, what: str) -> Iterator[None]:
@@ -294,10 +295,8 @@ class _TimeSplit:
     def describe(self) -> str:
         parts = []
         for what, frac in self.fractions().items():
-            label = {"teachers": "in the teachers", "input": "waiting for decoded images",
-                     "writer": "waiting for the writer"}[what]
             hint = f" ({self.HINTS[what]})" if what in self.HINTS and frac > 0.2 else ""
-            parts.append(f"{100 * frac:.0f}% {label}{hint}")
+            parts.append(f"{100 * frac:.0f}% {self.LABELS[what]}{hint}")
         return "main thread: " + ", ".join(parts)
 
 
