@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dad.errors import DataError
-from dad.utils.images import IMAGE_EXTENSIONS
+from dad.utils.images import IMAGE_EXTENSIONS, is_paired_depth_map
 
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
@@ -123,9 +123,12 @@ def _scan_folder(root: Path) -> list[tuple[str, _FileRef]]:
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = Path(dirpath).relative_to(root)
+        stems = {os.path.splitext(n)[0] for n in filenames if _is_image_name(n)}
         for name in filenames:
             if name.startswith(".") or not _is_image_name(name):
                 continue
+            if is_paired_depth_map(name, stems):
+                continue  # X_depth.png beside X.png: the ground truth of an RGB-D folder (dad synth), not an input
             key = (rel / name).as_posix()
             entries.append((key, _FileRef(os.path.join(dirpath, name))))
     return entries
@@ -162,7 +165,9 @@ def _scan_tar(path: str) -> list[tuple[str, _TarRef]]:
 
 
 def open_source(images: str | os.PathLike) -> ImageSource:
-    """Folder, list file, tar shard(s) (path, glob or braces) or single image -> ImageSource."""
+    """Folder, list file, tar shard(s) (path, glob or braces) or single image -> ImageSource.
+    In a folder, ``X_depth.<ext>`` beside an image ``X.<ext>`` is a depth map of the RGB-D layout
+    that `dad synth` writes and `dad eval` reads, and is left out."""
     text = str(images)
     path = Path(text)
     if path.is_dir():

@@ -70,14 +70,29 @@ def load_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> np.n
     return arr
 
 
+DEPTH_SUFFIX = "_depth"  # the generic RGB-D layout (dad synth, dad eval): X.png with its depth map X_depth.png
+
+
+def is_paired_depth_map(filename: str, image_stems: set[str]) -> bool:
+    """Whether ``filename`` is ``X_depth.<ext>`` with an image of stem ``X`` in the same folder
+    (``image_stems``: the stems of that folder's images): ground truth, not an input image."""
+    stem = os.path.splitext(filename)[0]
+    return stem.endswith(DEPTH_SUFFIX) and stem[: -len(DEPTH_SUFFIX)] in image_stems
+
+
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, directories (recursive, image extensions only) and glob patterns -> sorted unique paths."""
+    """Files, directories (recursive, image extensions only, leaving out the depth maps of an
+    RGB-D folder) and glob patterns -> sorted unique paths."""
     found: list[Path] = []
     for item in inputs:
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found.extend(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            images = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            stems: dict[Path, set[str]] = {}
+            for p in images:
+                stems.setdefault(p.parent, set()).add(p.stem)
+            found.extend(p for p in images if not is_paired_depth_map(p.name, stems[p.parent]))
         elif path.is_file():
             found.append(path)
         elif any(ch in text for ch in "*?["):

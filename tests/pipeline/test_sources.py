@@ -11,6 +11,7 @@ from PIL import Image
 
 from dad.errors import DataError
 from dad.pipeline.sources import expand_braces, open_source
+from dad.utils.images import list_images
 from tests.conftest import random_rgb
 
 
@@ -41,6 +42,17 @@ def test_folder_source_sorted_relative_keys(tmp_path, tree):
     assert src.kind == "folder"
     assert src.keys == sorted(tree)
     assert dict(iter(src)) == tree
+
+
+def test_folder_source_leaves_out_the_depth_maps_of_an_rgbd_folder(tmp_path):
+    """`dad synth` writes X.png beside X_depth.png: only X.png is an input. A *_depth image with
+    no image of its stem beside it is an ordinary image."""
+    root = tmp_path / "rgbd"
+    root.mkdir()
+    for name in ("scene_0.png", "scene_0_depth.png", "scene_1.jpg", "scene_1_depth.png", "lake_depth.png"):
+        (root / name).write_bytes(_png(len(name)))
+    assert open_source(root).keys == ["lake_depth.png", "scene_0.png", "scene_1.jpg"]
+    assert [p.name for p in list_images([root])] == ["lake_depth.png", "scene_0.png", "scene_1.jpg"]  # dad infer
 
 
 def test_list_file_relative_and_absolute(tmp_path, tree):
