@@ -126,7 +126,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--lambda-grad", "--lambda_grad", "lambda_grad", type=float, help="Gradient matching weight [2.0].")
 @click.option("--teacher-probs", "--teacher_probs", "teacher_probs", help="NAME=P,... per-step teacher probabilities [uniform].")
 @click.option("--checkpoint-interval", "--checkpoint_interval", "checkpoint_interval", type=int, help="Steps between checkpoints [1000].")
-@click.option("--log-interval", "--log_interval", "log_interval", type=int, help="Steps between log lines [50].")
+@click.option("--log-interval", "--log_interval", "log_interval", type=int, help="Steps between log lines; the logged losses are their means over those steps [50].")
 @click.option("--val", multiple=True, help="Validate on DATASET[:N] every --val-interval steps (repeatable).")
 @click.option("--val-interval", "--val_interval", "val_interval", type=int, help="Steps between validations [1000].")
 @click.option("--val-input-size", "--val_input_size", "val_input_size", type=int, help="Validation input size [518].")

@@ -121,6 +121,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def _new_window() -> dict[str, Any]:
+    """What is summed between two log lines: time, data wait, samples, loss terms of applied steps."""
+    return {"t0": time.perf_counter(), "wait": 0.0, "samples": 0, "sums": {}, "applied": 0}
+
+
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: DDP over nccl on GPUs, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -334,7 +339,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
         )
     nonfinite_run = 0
     step = start_step
-    window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+    window = _new_window()
     batches = iter(source)
     while step < total_steps:
         t_wait = time.perf_counter()
@@ -355,8 +360,13 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
                 )
         else:
             nonfinite_run = 0
+            for k, v in terms.items():
+                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            window["applied"] += 1
         if step % cfg.log_interval == 0 or step == total_steps:
             elapsed = time.perf_counter() - window["t0"]
+            if window["applied"]:  # the loss terms averaged over the steps since the last line
+                terms = {k: v / window["applied"] for k, v in window["sums"].items()}
             record = {
                 "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[-1],
                 "teacher": teacher, "samples_per_s": round(window["samples"] / max(elapsed, 1e-9), 3),
@@ -368,7 +378,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
                 f"feat {terms['loss_feat']:.4f} grad {terms['loss_grad']:.4f} lr {record['lr']:.2e} teacher {teacher} "
                 f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait_frac']:.1f}%"
             )
-            window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+            window = _new_window()
         if validator and (step % cfg.val_interval == 0 or step == total_steps):
             for v in validator:
                 result = v.run(module.student)

@@ -239,3 +239,18 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
     before = _aligned_abs_rel(build_depth_model(TINY_JSON).eval(), teacher, 70)
     after = _aligned_abs_rel(load_depth_model(out / "student_final.safetensors"), teacher, 70)
     assert after < 0.5 * before, (before, after)
+
+
+def test_logged_losses_are_means_over_the_log_interval(tmp_path, cache):
+    from dad.train.loop import train
+
+    every = tmp_path / "every"
+    train(_cfg(cache, every, num_iterations=4, checkpoint_interval=4, log_interval=1))
+    pairs = tmp_path / "pairs"
+    train(_cfg(cache, pairs, num_iterations=4, checkpoint_interval=4, log_interval=2))
+    per_step = [json.loads(line) for line in (every / "metrics.jsonl").read_text().splitlines()]
+    per_two = [json.loads(line) for line in (pairs / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_two] == [2, 4]
+    for rec, (a, b) in zip(per_two, [per_step[0:2], per_step[2:4]]):
+        for key in ("total", "loss_sc", "loss_lg", "loss_grad"):
+            assert rec[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-4, abs=1e-6), key
