@@ -42,6 +42,7 @@ def main() -> None:
     import torch
 
     from dad.cache import cache_info
+    from dad.cache.store import _default_encode_workers
     from dad.data.synthetic import render_scene
     from dad.infer import resolve_device
     from dad.models import build_depth_model, save_depth_model
@@ -93,8 +94,6 @@ def main() -> None:
                      summary["time_split"]))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    from dad.cache.store import _default_encode_workers
-
     encoders = args.encode_workers or _default_encode_workers()
     print(f"teacher {args.teacher_arch}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {args.num_workers} decode threads, {encoders} encoder processes")

@@ -178,13 +178,13 @@ def write_report(work: Path, results: dict[str, Any], run_dir: Path, timings: di
                  s: QuickstartSettings, seconds: float) -> dict[str, Any]:
     from PIL import Image
 
+    from dad.models import read_checkpoint_metadata
     from dad.utils.figures import disparity_rgb, image_grid, line_chart
 
     table = {name: {"abs_rel": _mean(r, "abs_rel"), "delta1": _mean(r, "delta1")} for name, r in results.items()}
-    from dad.models import read_checkpoint_metadata
-
-    teacher_arch = read_checkpoint_metadata(bundled_teacher_path())["arch"]
-    teacher_params = _parameter_count(bundled_teacher_path())
+    teacher_path = bundled_teacher_path()
+    teacher_arch = read_checkpoint_metadata(teacher_path)["arch"]
+    teacher_params = _parameter_count(teacher_path)
     student_params = _parameter_count(run_dir / "student_final.safetensors")
     before, after, teacher = (table[k]["abs_rel"] for k in ("student before", "student after", "teacher"))
     summary = {
