@@ -1,7 +1,7 @@
 """Stage-1 throughput: the teacher forwards alone versus the whole `dad cache-teachers` pipeline.
 
     # on a GPU, the issue's setting
-    python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8 --num-workers 8
+    python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8
     # CPU smoke run
     python benchmarks/cache.py --teacher-arch vits --size 112 --images 24 --batch-size 4
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--num-workers", type=int, default=4)
+    ap.add_argument("--num-workers", type=int, default=None, help="image processes (default: the pipeline's)")
     ap.add_argument("--variants", default="zarr/png,webdataset/png,zarr/png1,zarr/jpeg95",
                     help="format/rgb-codec pairs to run the pipeline with")
     ap.add_argument("--encode-workers", type=int, default=None, help="encoder processes (default: the pipeline's)")
@@ -42,7 +42,6 @@ def main() -> None:
     import torch
 
     from dad.cache import cache_info
-    from dad.cache.store import _default_encode_workers
     from dad.data.synthetic import render_scene
     from dad.infer import resolve_device
     from dad.models import build_depth_model, save_depth_model
@@ -91,21 +90,24 @@ def main() -> None:
                                  encode_workers=args.encode_workers, rgb_codec=codec, show_progress=False)
         whole = args.images / (time.perf_counter() - start)
         rows.append((f"{fmt}, {codec}", whole, summary["steady_images_per_second"] or whole, cache_info(out),
-                     summary["time_split"]))
+                     summary["time_split"], summary["main_process_cpu_ms_per_image"]))
+        workers = summary["workers"]
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    encoders = args.encode_workers or _default_encode_workers()
+    encoders = "the writer thread" if workers["encode"] == 1 else f"{workers['encode']} encoder processes"
     print(f"teacher {args.teacher_arch}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
-          f"{args.images} images, device {name}, {args.num_workers} decode threads, {encoders} encoder processes")
+          f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
     print(f"{'what':<26} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
-          f"   main thread: teachers/input/writer")
+          f" {'CPU ms/img':>11}   main thread: teachers/input/writer")
     print(f"{'teacher forwards alone':<26} {forward_rate:>9.2f} {forward_rate:>8.2f} {'100%':>11}")
-    for label, whole, steady, info, split in rows:
+    for label, whole, steady, info, split, cpu_ms in rows:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
+        cpu = f"{cpu_ms:>11.1f}" if cpu_ms is not None else f"{'-':>11}"
         print(f"{'pipeline, ' + label:<26} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate:>10.0f}% {bpp:>11.3f} "
-              f"{per_image:>9.3f}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
+              f"{per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
     print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady;\n"
+          " CPU ms/img: the main process's CPU time per image after start-up, all its threads, teachers included;\n"
           " main thread: its time in the teacher calls / waiting for decoded images / waiting for the encoders and writer)")
     print()
     print(codec_table(out))

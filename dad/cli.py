@@ -254,10 +254,12 @@ def _patches(ctx, param, value):
 @click.option("--batch-size", "--batch_size", "batch_size", default=4, show_default=True, type=int, help="Images per teacher batch.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--grid-seed", "--grid_seed", "grid_seed", default=0, show_default=True, type=int, help="Seed of the crop grid.")
-@click.option("--num-workers", "--num_workers", "num_workers", default=2, show_default=True, type=int,
-              help="Threads that read, decode and crop images ahead of the teachers.")
+@click.option("--num-workers", "--num_workers", "num_workers", default=None, type=int,
+              help="Processes that read, decode, crop and RGB-encode images ahead of the teachers; 0: the main "
+                   "process (default: most of the job's CPUs).")
 @click.option("--encode-workers", "--encode_workers", "encode_workers", default=None, type=int,
-              help="Processes that compress samples behind the teachers (default: usable CPUs - 1, at most 32).")
+              help="Processes that compress the teachers' depth and features behind them (default 1: the "
+                   "writer thread, which costs the main process less than shipping the maps elsewhere).")
 @handle_errors
 def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,
                        patches, features, feature_dim, rgb_codec, shard_size, num_shards, shard_index, batch_size, device,

@@ -3,10 +3,12 @@ exactly these bytes, so they decode to identical values."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from dad.cache import codecs
 from dad.cache.schema import CacheSample
@@ -97,11 +99,53 @@ def _check(sample: CacheSample, what: str, arr: Any, shape: tuple[int, ...], kin
     return a
 
 
-def encode_sample(sample: CacheSample, geo: Geometry) -> EncodedSample:
-    """Validate ``sample`` against the cache geometry and encode every part."""
+@dataclass
+class RGBEncodedSample:
+    """A sample whose RGB is already encoded with the cache's codec (stage 1 encodes it in its
+    preparation workers, before the teachers run); ``sample.rgb_region``/``rgb_patches`` are
+    not used and may be None, so the raw pixels need not travel to the encoder processes."""
+
+    sample: CacheSample
+    rgb_region: bytes
+    rgb_patches: list[bytes]
+
+    @property
+    def key(self) -> str:
+        return self.sample.key
+
+
+def _check_encoded_rgb(sample: CacheSample, what: str, data: bytes, side: int, codec: str) -> bytes:
+    """The header of pre-encoded RGB (no decoding): the codec's format at the cache's size."""
+    expected = "PNG" if codecs.rgb_is_lossless(codec) else "JPEG"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, size, mode = im.format, im.size, im.mode
+    except Exception as e:  # noqa: BLE001 - any unreadable header is the same error
+        raise CacheError(f"sample {sample.key}: {what} is not an encoded image ({type(e).__name__}); "
+                         f"encode it with dad.cache.codecs.encode_rgb(pixels, {codec!r})") from None
+    if fmt != expected or size != (side, side) or mode != "RGB":
+        raise CacheError(f"sample {sample.key}: {what} is a {fmt} {mode} image of {size[0]}x{size[1]}, the cache header "
+                         f"needs {expected} RGB {side}x{side} (--rgb-codec {codec})")
+    return bytes(data)
+
+
+def encode_sample(item: CacheSample | RGBEncodedSample, geo: Geometry) -> EncodedSample:
+    """Validate a sample against the cache geometry and encode every part (RGB only when it is
+    not already encoded)."""
     s, l_, p = geo.region_size, geo.patch_size, geo.num_patches
-    rgb_region = _check(sample, "rgb_region", sample.rgb_region, (s, s, 3), "u")
-    rgb_patches = _check(sample, "rgb_patches", sample.rgb_patches, (p, l_, l_, 3), "u")
+    if isinstance(item, RGBEncodedSample):
+        sample = item.sample
+        if len(item.rgb_patches) != p:
+            raise CacheError(f"sample {sample.key}: {len(item.rgb_patches)} encoded patches, the cache header needs {p}")
+        rgb_region_bytes = _check_encoded_rgb(sample, "rgb_region", item.rgb_region, s, geo.rgb_codec)
+        rgb_patches_bytes = [_check_encoded_rgb(sample, f"rgb_patches[{i}]", b, l_, geo.rgb_codec)
+                             for i, b in enumerate(item.rgb_patches)]
+    else:
+        sample = item
+        rgb_region = _check(sample, "rgb_region", sample.rgb_region, (s, s, 3), "u")
+        rgb_patches = _check(sample, "rgb_patches", sample.rgb_patches, (p, l_, l_, 3), "u")
+        rgb_region_bytes = codecs.encode_rgb(rgb_region.astype(np.uint8, copy=False), geo.rgb_codec)
+        rgb_patches_bytes = [codecs.encode_rgb(x.astype(np.uint8, copy=False), geo.rgb_codec) for x in rgb_patches]
     region_box = _check(sample, "region_box", sample.region_box, (4,), "fiu").astype(np.float32)
     patch_boxes = _check(sample, "patch_boxes", sample.patch_boxes, (p, 4), "fiu").astype(np.float32)
     missing = [t for t in geo.teachers if t not in sample.depth_region or t not in sample.depth_patches
@@ -113,8 +157,7 @@ def encode_sample(sample: CacheSample, geo: Geometry) -> EncodedSample:
         key=str(sample.key), image_key=str(sample.image_key), region_index=int(sample.region_index),
         image_size=(int(sample.image_size[0]), int(sample.image_size[1])), region_box=region_box,
         patch_boxes=patch_boxes, notes=tuple(str(n) for n in sample.notes),
-        rgb_region=codecs.encode_rgb(rgb_region.astype(np.uint8, copy=False), geo.rgb_codec),
-        rgb_patches=[codecs.encode_rgb(x.astype(np.uint8, copy=False), geo.rgb_codec) for x in rgb_patches],
+        rgb_region=rgb_region_bytes, rgb_patches=rgb_patches_bytes,
         depth_region={}, depth_region_range={}, depth_patches={}, depth_patches_range={},
     )
     for t in geo.teachers:

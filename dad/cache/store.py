@@ -44,24 +44,21 @@ from dad.cache.layout import (
     temp_name,
     write_atomic,
 )
-from dad.cache.sample_codec import EncodedSample, Geometry, encode_sample
+from dad.cache.sample_codec import EncodedSample, Geometry, RGBEncodedSample, encode_sample
 from dad.cache.schema import FORMAT_VERSION, FORMATS, CacheSample, SkippedInput
 from dad.cache.tar_shards import TarShardReader, kind_of_field, write_tar_shard
 from dad.cache.zarr_shards import ZarrShardReader, kind_of, write_zarr_shard
 from dad.errors import CacheError
-from dad.utils.parallel import ordered_map
+from dad.utils.parallel import ordered_map, usable_cpus
 
 KINDS = ("rgb", "depth", "features", "meta")
 
 
 def _default_encode_workers() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))  # what this job may use (SLURM/taskset), not the node's count
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    # PNG level 6 costs ~0.1 s of a core per 560 px view, so a GPU teacher needs most of a node's
-    # share of cores to keep up (benchmarks/cache.py); the cap only bounds process start-up
-    return max(1, min(32, cpus - 1))
+    # a writer used on its own encodes the RGB too: PNG level 6 costs ~0.1 s of a core per
+    # 560 px view, so it gets the job's cores (stage 1 encodes RGB in its preparation workers
+    # and gives the writer fewer); the cap only bounds process start-up
+    return max(1, min(32, usable_cpus() - 1))
 
 
 def _remove(path: Path) -> None:
@@ -93,8 +90,7 @@ class CacheWriter:
             self.regions_per_image = int(self.header["regions_per_image"])
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"cache header: missing or bad field {e!r}; build it with dad.pipeline.cache_teachers.build_header") from None
-        # Pillow's PNG encoder holds the GIL (~10 MB/s at level 6), so a pool of processes
-        # encodes samples in parallel; 1 encodes in the calling thread
+        # a pool of processes encodes samples in parallel; 1 encodes in the calling thread
         self.encode_workers = _default_encode_workers() if encode_workers is None else max(1, int(encode_workers))
         self._pool: ProcessPoolExecutor | None = None
         self._base = {"format_name": FORMAT_NAME, "format_version": FORMAT_VERSION, "format": fmt,
@@ -151,9 +147,11 @@ class CacheWriter:
     def is_complete(self, shard_index: int) -> bool:
         return record_path(self.root, self._check_shard(shard_index)).is_file()
 
-    def write_shard(self, shard_index: int, samples: Iterable[CacheSample], skipped: Sequence[SkippedInput]) -> dict[str, Any]:
+    def write_shard(self, shard_index: int, samples: Iterable[CacheSample | RGBEncodedSample],
+                    skipped: Sequence[SkippedInput]) -> dict[str, Any]:
         """Consume ``samples`` in order, store them and publish the shard; returns its record.
-        If ``samples`` raises, nothing of the shard becomes visible and the error propagates."""
+        If ``samples`` raises, nothing of the shard becomes visible and the error propagates.
+        A sample may come with its RGB already encoded (``RGBEncodedSample``)."""
         k = self._check_shard(shard_index)
         shards = self.root / SHARDS
         if record_path(self.root, k).exists():  # re-writing a complete shard: hide it meanwhile
@@ -253,7 +251,7 @@ def build_final_manifest(root: Path, base: dict[str, Any], records: list[dict[st
 def create_cache_writer(path: str | os.PathLike, fmt: str, header: dict[str, Any], encode_workers: int | None = None) -> CacheWriter:
     """Create the cache at ``path`` (or re-open it when its manifest has the same configuration;
     any difference raises CacheError naming the first differing field). ``encode_workers``:
-    processes encoding samples (default: the CPUs this job may use - 1, at most 8; 1 = none)."""
+    processes encoding samples (default: the CPUs this job may use - 1, at most 32; 1 = none)."""
     return CacheWriter(path, fmt, header, encode_workers=encode_workers)
 
 

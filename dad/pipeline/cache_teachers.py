@@ -9,42 +9,44 @@ the GPU), else one part. Complete shards are skipped, so a re-run resumes a kill
 re-run of a finished cache does no teacher work. After its shards each job calls
 ``writer.finalize()``, which writes the manifest once every shard of every part is complete.
 
-Three stages overlap: a thread pool reads, decodes and crops images (and round-trips lossy RGB
-through the codec, so the teacher sees what the student will read) ahead of the teacher forwards
-in the main thread; a background thread consumes the samples through ``writer.write_shard``
-(encode, compress, write) behind them, fed by a bounded queue.
+Three stages overlap: a pool of worker processes reads, decodes, crops and RGB-encodes images
+(``dad.pipeline.prepare``; for a lossy codec the teacher sees the decoded bytes, what the student
+will read) ahead of the teacher forwards in the main thread; a background thread consumes the
+samples through ``writer.write_shard`` (encode depth and features in the writer's processes,
+compress, write) behind them, fed by a bounded queue. The main process does little besides
+driving the teachers, so on a GPU its GIL is free for launching kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import hashlib
 import math
 import os
 import queue
-import re
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from dad.cache.codecs import rgb_extension, roundtrip_rgb
+from dad.cache.codecs import rgb_extension
+from dad.cache.sample_codec import RGBEncodedSample
 from dad.cache.schema import FORMATS, CacheSample, SkippedInput, sample_key
-from dad.errors import ConfigError, DataError
+from dad.errors import ConfigError
 from dad.infer import resolve_device
 from dad.pipeline.features import PROJECTION_METHOD
-from dad.pipeline.grid import GRID_VERSION, RESAMPLING, check_grid_settings, extract_views, parse_patches, plan_regions
-from dad.pipeline.sources import ImageSource, open_source
+from dad.pipeline.grid import GRID_VERSION, RESAMPLING, check_grid_settings, parse_patches
+from dad.pipeline.prepare import PreparedImage, prepared_images
+from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, TeacherSpec, parse_teacher_specs
-from dad.utils.images import load_rgb
-from dad.utils.parallel import ordered_map
+from dad.utils.parallel import stage1_worker_counts
 from dad.utils.progress import Progress
 
 # Images per work shard. A shard is the unit of resumption and of atomic publication; at the
@@ -169,80 +171,6 @@ def build_header(keys: Sequence[str], teachers: Sequence[Teacher], *, global_cro
         "rgb_codec": rgb_codec,
         "image_keys_sha256": image_keys_sha256(keys),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# preparing images (worker threads)
-
-
-@dataclass
-class PreparedImage:
-    shard: int
-    index: int
-    key: str
-    image_size: tuple[int, int] = (0, 0)
-    plans: list = field(default_factory=list)
-    region_views: np.ndarray | None = None  # uint8 (R, S, S, 3): the pixels handed to the writer
-    patches: np.ndarray | None = None  # uint8 (R, P, L, L, 3)
-    skipped: SkippedInput | None = None
-    # what the teacher is fed: the writer's pixels after the RGB codec's round trip, i.e. exactly
-    # what a reader of the cache decodes (None: a lossless codec, the same arrays as above)
-    teacher_region_views: np.ndarray | None = None
-    teacher_patches: np.ndarray | None = None
-
-    def teacher_views(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.teacher_region_views is None:
-            return self.region_views, self.patches
-        return self.teacher_region_views, self.teacher_patches
-
-
-def _reason(text: str) -> str:
-    """No object addresses in reasons: the same bad input gives the same record on every run."""
-    return re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", text)
-
-
-def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int, min_region: int,
-                  global_crop_size: int, local_crop_size: int, regions_per_image: int, patches: tuple[int, int],
-                  rgb_codec: str) -> PreparedImage:
-    """Read, decode, plan and crop one image; a bad input comes back as ``skipped``."""
-    key = source.keys[index]
-    out = PreparedImage(shard, index, key)
-    try:
-        rgb = load_rgb(source.read(index), name=key)
-    except DataError as e:
-        out.skipped = SkippedInput(key, _reason(str(e)))
-        return out
-    except (Image.DecompressionBombError, MemoryError) as e:
-        out.skipped = SkippedInput(key, _reason(f"{key}: too large to decode ({e})"))
-        return out
-    except Exception as e:  # noqa: BLE001 - a malformed file can trip any decoder error; one file must not stop the run
-        out.skipped = SkippedInput(key, _reason(f"{key}: cannot decode ({type(e).__name__}: {e}); remove or re-encode the file"))
-        return out
-    h, w = rgb.shape[:2]
-    out.image_size = (h, w)
-    out.plans = plan_regions(key, h, w, grid_seed, min_region, global_crop_size, local_crop_size,
-                             regions_per_image, patches)
-    pil = Image.fromarray(rgb)
-    views = [extract_views(pil, plan, global_crop_size, local_crop_size) for plan in out.plans]
-    region_views = np.stack([v for v, _ in views])
-    patch_views = np.stack([p for _, p in views])
-    out.region_views, out.patches = region_views, patch_views
-    if rgb_extension(rgb_codec) != "png":  # a lossy codec
-        # The writer encodes these pixels once; the cache then holds decode(encode(pixels)), so
-        # that is what the teacher sees (handing the writer already-decoded pixels instead would
-        # store a second generation of the lossy codec, which differs from the first).
-        out.teacher_region_views = np.stack([roundtrip_rgb(v, rgb_codec) for v in region_views])
-        out.teacher_patches = np.stack([[roundtrip_rgb(p, rgb_codec) for p in ps] for ps in patch_views])
-    return out
-
-
-def _prepared(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: int, lookahead: int) -> Iterator[Any]:
-    """``map(fn, items)`` computed by ``num_workers`` threads at most ``lookahead`` items ahead."""
-    if num_workers <= 0:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="dad-prepare") as pool:
-        yield from ordered_map(fn, items, pool, lookahead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,16 +340,15 @@ def _batches(items: Iterable[PreparedImage], size: int) -> Iterator[list[Prepare
 
 
 def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool) -> list[CacheSample]:
-    """All teachers on all views of ``good`` -> one CacheSample per (image, region)."""
+    """All teachers on all views of ``good`` -> one CacheSample per (image, region), holding the
+    pixels the teachers saw."""
     region_views = np.concatenate([g.region_views for g in good])  # (B*R, S, S, 3)
     patch_views = np.concatenate([g.patches for g in good])  # (B*R, P, L, L, 3)
     num_regions, num_patches = patch_views.shape[:2]
-    seen = [g.teacher_views() for g in good]
-    teacher_regions = np.concatenate([r for r, _ in seen])
-    teacher_patches = np.concatenate([p for _, p in seen]).reshape(-1, *patch_views.shape[2:])
+    flat_patches = patch_views.reshape(-1, *patch_views.shape[2:])
     outputs = {}
     for t in teachers:
-        d_region, d_patches, feats = t.predict(teacher_regions, teacher_patches, features)
+        d_region, d_patches, feats = t.predict(region_views, flat_patches, features)
         outputs[t.name] = (d_region, d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:]), feats)
     samples = []
     row = 0
@@ -440,7 +367,12 @@ def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], fe
     return samples
 
 
-_samples_for_batch = samples_for_batch  # the name dad.train.online imports
+def _with_encoded_rgb(samples: list[CacheSample], good: list[PreparedImage]) -> list[RGBEncodedSample]:
+    """The writer's items: each sample with the RGB bytes its preparation worker encoded, the
+    pixels dropped (they need not travel to the encoder processes)."""
+    encoded = [(g.rgb_region_bytes[r], g.rgb_patch_bytes[r]) for g in good for r in range(len(g.plans))]
+    return [RGBEncodedSample(dataclasses.replace(s, rgb_region=None, rgb_patches=None), region, patches)
+            for s, (region, patches) in zip(samples, encoded, strict=True)]
 
 
 def cache_teachers(
@@ -462,13 +394,16 @@ def cache_teachers(
     batch_size: int = 4,
     device: str = "auto",
     grid_seed: int = 0,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     encode_workers: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run stage 1 for this job's part of the work; see the module docstring. ``num_shards`` /
     ``shard_index`` are K parts of the work and this job's part (not storage shards, whose size
-    is ``shard_size`` images). Returns a summary of what this call did."""
+    is ``shard_size`` images). ``num_workers``: image preparation processes (0: in this process);
+    ``encode_workers``: processes encoding the teachers' outputs (1: the writer thread); both
+    default from the CPUs this job may use (``stage1_worker_counts``). Returns a summary of what
+    this call did."""
     t_start = time.perf_counter()
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -476,8 +411,8 @@ def cache_teachers(
     grid = parse_patches(patches)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be >= 1")
-    if num_workers < 0:
-        raise ConfigError(f"--num-workers {num_workers}: must be >= 0")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"--num-workers {num_workers}: must be >= 0 (0 prepares images in the main process)")
     if encode_workers is not None and encode_workers < 1:
         raise ConfigError(f"--encode-workers {encode_workers}: must be >= 1 (1 encodes in the writer thread)")
     images_per_shard = DEFAULT_SHARD_SIZE[fmt] if shard_size is None else int(shard_size)
@@ -487,6 +422,7 @@ def cache_teachers(
         raise ConfigError(f"--feature-dim {feature_dim}: must be >= 1 (or use --no-features)")
     rgb_extension(rgb_codec)  # an unknown codec fails now, naming --rgb-codec, not once per image
     split = resolve_work_split(num_shards, shard_index)
+    num_workers, encode_workers = stage1_worker_counts(num_workers, encode_workers)
 
     log = (lambda msg: print(f"cache-teachers: {msg}", file=sys.stderr, flush=True)) if show_progress else (lambda msg: None)
     source = open_source(images)
@@ -515,29 +451,27 @@ def cache_teachers(
     if todo:
         writer.start_encoders()
     log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index + 1}/{split.num_parts} "
-        f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}")
+        f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}, "
+        f"{num_workers} image workers, {encode_workers} encoder{'s' if encode_workers > 1 else ''}")
 
     if not mine:
         log(f"this part has no work: {split.num_parts} parts but only {total_shards} shards; "
             "use fewer parts or a smaller --shard-size")
 
-    def prepare(item: tuple[int, int]) -> PreparedImage:
-        shard, index = item
-        return prepare_image(source, shard, index, grid_seed=grid_seed, min_region=min_region,
-                             global_crop_size=global_crop_size, local_crop_size=local_crop_size,
-                             regions_per_image=regions_per_image, patches=grid, rgb_codec=rgb_codec)
-
+    settings = {"grid_seed": grid_seed, "min_region": min_region, "global_crop_size": global_crop_size,
+                "local_crop_size": local_crop_size, "regions_per_image": regions_per_image, "patches": grid,
+                "rgb_codec": rgb_codec}
     work = [(k, i) for k in todo for i in range(k * images_per_shard, min((k + 1) * images_per_shard, n_keys))]
     bar = Progress(len(work), desc="cache-teachers", unit="img", enabled=show_progress)
     images_cached = samples_written = 0
-    after_first_batch: tuple[float, int] | None = None  # (time, images done) once start-up is over
+    after_first_batch: tuple[float, int, float] | None = None  # (time, images done, CPU time) after start-up
     skipped_all: list[SkippedInput] = []
     background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log)
     sink = None
     clock = _TimeSplit()
+    inputs = prepared_images(source, work, settings, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
     try:
-        prepared = clock.timed_iter(_prepared(prepare, work, num_workers, lookahead=max(2 * batch_size, 4 * num_workers)),
-                                    "input")
+        prepared = clock.timed_iter(inputs, "input")
         for shard, items in groupby(prepared, key=lambda p: p.shard):
             sink = background.begin(shard, total_shards)
             for batch in _batches(items, batch_size):
@@ -550,13 +484,17 @@ def cache_teachers(
                     with clock("teachers"):
                         samples = samples_for_batch(good, teacher_objs, features)
                     with clock("writer"):
-                        for sample in samples:
+                        for sample in _with_encoded_rgb(samples, good):
                             sink.put(sample)
                             samples_written += 1
                 images_cached += len(good)
                 if after_first_batch is None:
-                    after_first_batch = (time.perf_counter(), bar.count + len(batch))
+                    after_first_batch = (time.perf_counter(), bar.count + len(batch), time.process_time())
                     clock.reset()  # the split, like the steady rate, leaves start-up out
+                    # Start-up made millions of long-lived objects (torch, the source's key list);
+                    # every full garbage collection would walk them all, holding the GIL the
+                    # teachers need (a third of this process's GIL time in a profile)
+                    gc.freeze()
                 bar.update(len(batch), postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
             with clock("writer"):
                 sink.end()
@@ -567,14 +505,16 @@ def cache_teachers(
         background.abort(sink)
         raise
     finally:
+        inputs.close()  # stops the preparation workers
         bar.close()
 
     finalized = writer.finalize()
     t_end = time.perf_counter()
     seconds = t_end - t_start
-    steady = None
+    steady = main_cpu_ms = None
     if after_first_batch is not None and len(work) > after_first_batch[1] and t_end > after_first_batch[0]:
         steady = round((len(work) - after_first_batch[1]) / (t_end - after_first_batch[0]), 2)
+        main_cpu_ms = round(1000 * (time.process_time() - after_first_batch[2]) / (len(work) - after_first_batch[1]), 1)
     split_after_start = clock.fractions()
     if steady is not None:
         log(f"{steady:.2f} img/s after the first batch; {clock.describe()}")
@@ -593,4 +533,8 @@ def cache_teachers(
         # the rate after the first batch: start-up (teacher load, encoder processes) left out
         "steady_images_per_second": steady,
         "time_split": split_after_start,
+        # CPU time of this process (all its threads, the teachers' included) per image after
+        # start-up: on a GPU, what competes for the GIL with launching the teachers' kernels
+        "main_process_cpu_ms_per_image": main_cpu_ms,
+        "workers": {"prepare": num_workers, "encode": encode_workers},
     }

@@ -15,7 +15,8 @@ import torch
 
 from dad.cache.schema import CacheSample
 from dad.errors import DataError
-from dad.pipeline.cache_teachers import FEATURE_SEED, PreparedImage, _samples_for_batch, prepare_image
+from dad.pipeline.cache_teachers import FEATURE_SEED, samples_for_batch
+from dad.pipeline.prepare import PreparedImage, prepare_image
 from dad.pipeline.grid import check_grid_settings, parse_patches
 from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, parse_teacher_specs
@@ -53,7 +54,7 @@ class OnlineBatchSource(SamplerBackedSource):
                 c = self.cfg
                 prepared = prepare_image(self.source, 0, i, grid_seed=c.grid_seed, min_region=c.min_region,
                                          global_crop_size=c.global_crop_size, local_crop_size=c.local_crop_size,
-                                         regions_per_image=c.regions_per_image, patches=self.patches, rgb_codec="png")
+                                         regions_per_image=c.regions_per_image, patches=self.patches, rgb_codec=None)
                 if prepared.skipped is not None:
                     print(f"online: skipped {prepared.skipped.reason}", file=sys.stderr)
                 if len(self._prepared) > 4 * self.cfg.batch_size:  # a small cache of recent images
@@ -68,7 +69,7 @@ class OnlineBatchSource(SamplerBackedSource):
         r = self.cfg.regions_per_image
         wanted = [(self._image(i // r), i % r) for i in plan.indices]
         images = list({p.key: p for p, _ in wanted}.values())
-        made = _samples_for_batch(images, [self.teachers[plan.teacher]], self.feature_dim is not None)
+        made = samples_for_batch(images, [self.teachers[plan.teacher]], self.feature_dim is not None)
         by_key = {(s.image_key, s.region_index): s for s in made}
         return [by_key[p.key, region] for p, region in wanted]
 

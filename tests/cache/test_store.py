@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import random
@@ -398,5 +399,38 @@ def test_samples_that_do_not_match_the_header_are_refused(tmp_path):
     samples = list(shard_samples(header, 0))
     samples[1].depth_patches["alpha"] = samples[1].depth_patches["alpha"][:2]
     with pytest.raises(CacheError, match=r"depth_patches\[alpha\] is float32 \(2, 42, 42\)"):
+        writer.write_shard(0, iter(samples), [])
+    assert not writer.is_complete(0) and not leftover_temps(tmp_path / "c")
+
+
+def _pre_encoded(sample, codec="png"):
+    from dad.cache.sample_codec import RGBEncodedSample
+
+    stripped = dataclasses.replace(sample, rgb_region=None, rgb_patches=None)
+    return RGBEncodedSample(stripped, codecs.encode_rgb(sample.rgb_region, codec),
+                            [codecs.encode_rgb(p, codec) for p in sample.rgb_patches])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pre_encoded_rgb_stores_the_same_bytes(tmp_path, fmt):
+    """Stage 1 encodes RGB in its preparation workers; the cache must not depend on where."""
+    header = make_header(num_images=4, per_shard=2)
+    write_cache(tmp_path / "one", fmt, header)
+    writer = create_cache_writer(tmp_path / "two", fmt, header)
+    for k in range(header["num_shards"]):
+        writer.write_shard(k, (_pre_encoded(s) for s in shard_samples(header, k)), shard_skipped(header, k))
+    assert writer.finalize()
+    assert tree_bytes(tmp_path / "one") == tree_bytes(tmp_path / "two")
+
+
+def test_pre_encoded_rgb_of_the_wrong_size_or_codec_is_refused(tmp_path):
+    header = make_header()
+    writer = create_cache_writer(tmp_path / "c", "zarr", header)
+    samples = [_pre_encoded(s) for s in shard_samples(header, 0)]
+    samples[1].rgb_patches[2] = codecs.encode_rgb(np.zeros((L - 2, L - 2, 3), np.uint8))
+    with pytest.raises(CacheError, match=r"rgb_patches\[2\] is a PNG RGB image of 40x40, the cache header needs PNG RGB 42x42"):
+        writer.write_shard(0, iter(samples), [])
+    samples = [_pre_encoded(s, "jpeg90") for s in shard_samples(header, 0)]
+    with pytest.raises(CacheError, match=r"rgb_region is a JPEG RGB image .* needs PNG RGB .*--rgb-codec png"):
         writer.write_shard(0, iter(samples), [])
     assert not writer.is_complete(0) and not leftover_temps(tmp_path / "c")

@@ -1,0 +1,78 @@
+"""Stage 1's image preparation: crops and RGB bytes, in worker processes exactly as in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dad.cache.codecs import decode_rgb
+from dad.pipeline.prepare import prepare_image, prepared_images
+from dad.pipeline.sources import open_source
+from dad.utils.parallel import stage1_worker_counts
+
+SETTINGS = dict(grid_seed=1, min_region=56, global_crop_size=42, local_crop_size=28, regions_per_image=2, patches=(2, 2))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prep")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        smooth = np.cumsum(rng.normal(0, 1.5, (70 + 4 * i, 90, 3)), axis=1) + 128
+        Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8)).save(root / f"img_{i}.png")
+    (root / "img_2.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.mark.parametrize("codec", ["png", "jpeg80"])
+def test_the_teacher_sees_what_the_cache_will_hold(folder, codec):
+    p = prepare_image(open_source(folder), 0, 0, rgb_codec=codec, **SETTINGS)
+    assert p.region_views.shape == (2, 42, 42, 3) and p.patches.shape == (2, 4, 28, 28, 3)
+    for r in range(2):
+        np.testing.assert_array_equal(decode_rgb(p.rgb_region_bytes[r]), p.region_views[r])
+        for j in range(4):
+            np.testing.assert_array_equal(decode_rgb(p.rgb_patch_bytes[r][j]), p.patches[r, j])
+    plain = prepare_image(open_source(folder), 0, 0, rgb_codec=None, **SETTINGS)
+    assert plain.rgb_region_bytes is None
+    if codec == "png":  # lossless: the crops themselves
+        np.testing.assert_array_equal(plain.region_views, p.region_views)
+    else:  # the decoded JPEG, not the crops before encoding
+        assert not np.array_equal(plain.region_views, p.region_views)
+        assert np.abs(plain.region_views.astype(int) - p.region_views).mean() < 8
+
+
+def test_worker_processes_give_what_one_process_gives(folder):
+    source = open_source(folder)
+    settings = {**SETTINGS, "rgb_codec": "png1"}
+    work = [(i // 2, i) for i in range(len(source))]
+    inline = list(prepared_images(source, work, settings, num_workers=0, lookahead=2))
+    pooled = list(prepared_images(source, work, settings, num_workers=2, lookahead=3))
+    assert [p.key for p in pooled] == [p.key for p in inline] == source.keys
+    assert [p.shard for p in pooled] == [0, 0, 1, 1, 2]
+    bad = [p for p in pooled if p.skipped is not None]
+    assert [p.key for p in bad] == ["img_2.png"] and "img_2.png" in bad[0].skipped.reason
+    for a, b in zip(inline, pooled):
+        assert a.skipped == b.skipped and a.rgb_region_bytes == b.rgb_region_bytes and a.rgb_patch_bytes == b.rgb_patch_bytes
+        if a.skipped is None:
+            np.testing.assert_array_equal(a.region_views, b.region_views)
+            np.testing.assert_array_equal(a.patches, b.patches)
+
+
+def test_stopping_early_stops_the_workers(folder):
+    source = open_source(folder)
+    gen = prepared_images(source, [(0, i) for i in range(len(source))], {**SETTINGS, "rgb_codec": "png"},
+                          num_workers=2, lookahead=4)
+    first = next(gen)
+    gen.close()  # shuts the pool down (would hang or leak processes otherwise)
+    assert first.key == "img_0.png"
+
+
+def test_default_worker_counts():
+    assert stage1_worker_counts(None, None, cpus=16) == (15, 1)
+    assert stage1_worker_counts(None, None, cpus=2) == (1, 1)
+    assert stage1_worker_counts(None, 4, cpus=16) == (11, 4)  # encoder processes take their share
+    assert stage1_worker_counts(0, None, cpus=64) == (0, 1)
+    assert stage1_worker_counts(None, None, cpus=128) == (32, 1)
