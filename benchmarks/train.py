@@ -84,6 +84,63 @@ def main() -> None:
     for mode, (sps, wait) in results.items():
         print(f"{mode:<8} {sps:>9.3f} {100 * wait:>9.1f}%")
     print(f"cached / online = {results['cache'][0] / results['online'][0]:.2f}x")
+    print()
+    cfg = TrainConfig(cache=[str(cache)], output_dir=str(work / "run_breakdown"), student_arch=args.student_arch,
+                      batch_size=args.batch_size, num_workers=0, device=args.device, seed=0).validate()
+    phases = step_breakdown(cfg, steps=max(3, args.steps // 4))
+    total = sum(phases.values())
+    print("a cached step, each phase timed alone (device synchronised around it):")
+    print("  " + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in phases.items())
+          + f"; sum {1000 * total:.1f} ms = {1 / total:.2f} steps/s")
+
+
+def step_breakdown(cfg, steps: int) -> dict[str, float]:
+    """Seconds per phase of a cached training step (batch to device, student forward, losses,
+    backward, clipping + optimizer), each timed alone with the device synchronised, the mean
+    over ``steps`` steps after one warm-up step. Where to look when the step is slow."""
+    import time
+
+    from dad.infer import autocast_for, normalize, resolve_device
+    from dad.models import build_depth_model
+    from dad.train.loop import DistillModule, build_optimizer, compute_losses, move_batch
+    from dad.train.sources import CachedBatchSource
+
+    device = resolve_device(cfg.device)
+    source = CachedBatchSource(cfg, 0, 1, 0)
+    source.set_total_steps(steps + 1)
+    module = DistillModule(build_depth_model(cfg.student_arch), source.feature_dim if cfg.lambda_feat > 0 else None).to(device)
+    optimizer = build_optimizer(module, cfg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    phases = dict.fromkeys(("to device", "forward", "losses", "backward", "optimizer"), 0.0)
+
+    def timed(name, fn):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        if counting:
+            phases[name] += time.perf_counter() - start
+        return out
+
+    for i, batch in enumerate(source):
+        counting = i > 0
+        batch = timed("to device", lambda: move_batch(batch, device))
+
+        def forward():
+            with autocast_for(device, cfg.precision):
+                return module(normalize(batch["rgb"]))
+
+        depth, tokens = timed("forward", forward)
+        terms = timed("losses", lambda: compute_losses(depth, tokens, batch, cfg))
+        timed("backward", lambda: terms["total"].backward())
+
+        def update():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        timed("optimizer", update)
+    return {k: v / steps for k, v in phases.items()}
 
 
 if __name__ == "__main__":
