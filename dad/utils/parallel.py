@@ -37,7 +37,8 @@ def usable_cpus() -> int:
 
 def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cpus: int | None = None) -> tuple[int, int]:
     """Default (image preparation processes, teacher-output encoder processes) for stage 1 on
-    ``cpus`` CPUs. Preparation (decode, crop, PNG-encode the RGB: ~0.45 s of a core per image
+    ``cpus`` CPUs (default: this job's, shared with the other processes torchrun started on the
+    node). Preparation (decode, crop, PNG-encode the RGB: ~0.45 s of a core per image
     at 560 px with PNG level 6) gets every CPU but the one driving the teachers. The teachers'
     depth and features are encoded in the writer thread (encode_workers 1) by default: numpy
     and blosc release the GIL there, while shipping the maps to encoder processes costs the
@@ -45,6 +46,8 @@ def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cp
     if encode_workers is None:
         encode_workers = 1
     if num_workers is None:
-        spare = (usable_cpus() if cpus is None else cpus) - 1 - (encode_workers if encode_workers > 1 else 0)
+        if cpus is None:  # torchrun starts one such job per GPU, each seeing every CPU of the node
+            cpus = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        spare = cpus - 1 - (encode_workers if encode_workers > 1 else 0)
         num_workers = min(32, max(1, spare))
     return num_workers, encode_workers

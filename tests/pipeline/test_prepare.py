@@ -70,9 +70,12 @@ def test_stopping_early_stops_the_workers(folder):
     assert first.key == "img_0.png"
 
 
-def test_default_worker_counts():
+def test_default_worker_counts(monkeypatch):
     assert stage1_worker_counts(None, None, cpus=16) == (15, 1)
     assert stage1_worker_counts(None, None, cpus=2) == (1, 1)
     assert stage1_worker_counts(None, 4, cpus=16) == (11, 4)  # encoder processes take their share
     assert stage1_worker_counts(0, None, cpus=64) == (0, 1)
     assert stage1_worker_counts(None, None, cpus=128) == (32, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs: the node's CPUs shared 8 ways
+    monkeypatch.setattr("dad.utils.parallel.usable_cpus", lambda: 128)
+    assert stage1_worker_counts(None, None) == (15, 1)
