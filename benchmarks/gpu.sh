@@ -13,4 +13,4 @@ python benchmarks/infer.py --arch vitl --input-size 518 --batch-size 4 --iters 2
 python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8 2>&1 \
     | tee "$out/cache.log" | grep -v '^cache-teachers'
 python benchmarks/train.py --teacher-arch vitl --student-arch vitb --size 560 --images 64 --batch-size 4 --steps 40 \
-    --num-workers 8 2>&1 | tee "$out/train.log" | grep -v ' step '
+    --num-workers 8 --compile 2>&1 | tee "$out/train.log" | grep -v ' step '

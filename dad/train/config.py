@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "bf16"
+    compile: bool = False
     resume: bool = False
     max_nonfinite_steps: int = 5
     # online baseline (teachers run live; no cache)

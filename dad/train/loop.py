@@ -7,6 +7,7 @@ Shaped like torchtitan: ``train(config)`` sets things up and runs a short loop a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -77,6 +78,13 @@ def compute_losses(depth: torch.Tensor, tokens: torch.Tensor | None, batch: dict
         + cfg.lambda_grad * terms["loss_grad"]
     )
     return terms
+
+
+@functools.cache
+def compiled_losses():
+    """``compute_losses`` through torch.compile (``--compile``): its many small elementwise ops
+    fused into a few kernels. Compiled once per process, at the first step."""
+    return torch.compile(compute_losses, dynamic=False)
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -194,7 +202,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
         with ctx:
             with autocast_for(device, cfg.precision):
                 depth, tokens = module(x)
-            terms = compute_losses(depth, tokens, batch, cfg)
+            terms = (compiled_losses() if cfg.compile else compute_losses)(depth, tokens, batch, cfg)
             (terms["total"] / len(micro_batches)).backward()  # a non-finite loss only spoils grads we drop
         sums += torch.stack([terms[k].detach().float() for k in keys]) / len(micro_batches)
     grad_norm = (torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm).float().reshape(1)
@@ -315,6 +323,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
     if state and module.projection is not None:
         module.projection.load_state_dict(state["projection"])
     module.train()
+    if cfg.compile:  # in place, so state_dict keys and module.student stay as they are
+        module.compile(dynamic=False)
     optimizer = build_optimizer(module, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
     if state:
