@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-workers", type=int, default=None, help="image processes (default: the pipeline's)")
-    ap.add_argument("--variants", default="zarr/png,webdataset/png,zarr/png1,zarr/jpeg95",
+    ap.add_argument("--variants", default="zarr/png2,webdataset/png2,zarr/png,zarr/jpeg95",
                     help="format/rgb-codec pairs to run the pipeline with")
     ap.add_argument("--encode-workers", type=int, default=None, help="encoder processes (default: the pipeline's)")
     args = ap.parse_args()
@@ -108,7 +108,7 @@ def main() -> None:
               f"{per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
     print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady;\n"
           " CPU ms/img: the main process's CPU time per image after start-up, all its threads, teachers included;\n"
-          " main thread: its time in the teacher calls / waiting for decoded images / waiting for the encoders and writer)")
+          " main thread: its time in the teacher calls / waiting for prepared images / waiting for the writer)")
     print()
     print(codec_table(out))
     shutil.rmtree(work, ignore_errors=True)

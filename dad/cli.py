@@ -248,7 +248,8 @@ def _patches(ctx, param, value):
 @click.option("--patches", default="2x2", show_default=True, callback=_patches, help="Patch grid over each region.")
 @click.option("--features/--no-features", default=True, show_default=True, help="Cache reduced teacher features.")
 @click.option("--feature-dim", "--feature_dim", "feature_dim", default=64, show_default=True, type=int)
-@click.option("--rgb-codec", "--rgb_codec", "rgb_codec", default="png", show_default=True, help="png (lossless) or jpegQQ, e.g. jpeg95.")
+@click.option("--rgb-codec", "--rgb_codec", "rgb_codec", default="png2", show_default=True,
+              help="pngN: lossless PNG at zlib level N (png = png6: ~6% smaller, 3.4x the CPU); jpegQQ: lossy, e.g. jpeg95.")
 @click.option("--shard-size", "--shard_size", "shard_size", default=None, type=int, help="Images per shard.")
 @click.option("--num-shards", "--num_shards", "num_shards", default=None, type=int,
               help="Split the work into K parts (default: SLURM array / torchrun world size / 1).")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from dad.cache.codecs import rgb_extension
+from dad.cache.codecs import DEFAULT_RGB_CODEC, rgb_extension
 from dad.cache.sample_codec import RGBEncodedSample
 from dad.cache.schema import FORMATS, CacheSample, SkippedInput, sample_key
 from dad.errors import ConfigError
@@ -185,12 +185,14 @@ class _Aborted(Exception):
 
 
 class _TimeSplit:
-    """Where the main thread's time goes: the teachers (the GPU's work), waiting for decoded
-    images (too few --num-workers), waiting for the writer (too few --encode-workers / a slow
-    codec). Shown after a run and in its summary, so a slow job says what to change."""
+    """Where the main thread's time goes: the teachers (the GPU's work), waiting for prepared
+    images (too few --num-workers / CPUs, or a slow RGB codec), waiting for the writer (depth
+    and feature encoding, --encode-workers). Shown after a run and in its summary, so a slow
+    job says what to change."""
 
-    LABELS = {"teachers": "in the teachers", "input": "waiting for decoded images", "writer": "waiting for the writer"}
-    HINTS = {"input": "raise --num-workers", "writer": "raise --encode-workers or use --rgb-codec png1"}
+    LABELS = {"teachers": "in the teachers", "input": "waiting for prepared images", "writer": "waiting for the writer"}
+    HINTS = {"input": "give the job more CPUs for --num-workers, or a cheaper --rgb-codec",
+             "writer": "use --encode-workers N to encode in N processes"}
 
     def __init__(self) -> None:
         self.reset()
@@ -387,7 +389,7 @@ def cache_teachers(
     patches: str | tuple[int, int] = "2x2",
     features: bool = True,
     feature_dim: int = 64,
-    rgb_codec: str = "png",
+    rgb_codec: str = DEFAULT_RGB_CODEC,
     shard_size: int | None = None,
     num_shards: int | None = None,
     shard_index: int | None = None,
