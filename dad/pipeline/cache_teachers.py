@@ -454,7 +454,8 @@ def cache_teachers(
         writer.start_encoders()
     log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index + 1}/{split.num_parts} "
         f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}, "
-        f"{num_workers} image workers, {encode_workers} encoder{'s' if encode_workers > 1 else ''}")
+        f"{num_workers} image worker process{'es' if num_workers != 1 else ''}, depth/features encoded by "
+        + ("the writer thread" if encode_workers == 1 else f"{encode_workers} processes"))
 
     if not mine:
         log(f"this part has no work: {split.num_parts} parts but only {total_shards} shards; "
@@ -501,8 +502,7 @@ def cache_teachers(
             with clock("writer"):
                 sink.end()
             sink = None
-        with clock("writer"):
-            background.close()
+        background.close()  # the drain at the end, like start-up, is not part of the split
     except BaseException:
         background.abort(sink)
         raise
