@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from dad.errors import DataError
 from dad.utils.images import IMAGE_EXTENSIONS, is_paired_depth_map
 
@@ -59,6 +61,34 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    # Pickled once per stage-1 worker process: a million inputs as a few long strings and arrays
+    # (~0.1 s) rather than a million objects (~2 s each time, in the parent's main thread).
+    def __getstate__(self) -> dict:
+        state = {"kind": self.kind, "description": self.description}
+        if any("\0" in k for k in self.keys):  # NUL ends C strings: not in real paths, but be exact
+            return {**state, "keys": self.keys, "refs": self._refs}
+        state["keys"] = "\0".join(self.keys)
+        if all(isinstance(r, _FileRef) for r in self._refs):
+            state["paths"] = "\0".join(r.path for r in self._refs)
+        else:  # tar members
+            tars = sorted({r.tar for r in self._refs})
+            number = {t: i for i, t in enumerate(tars)}
+            state["tars"] = tars
+            state["members"] = np.array([(number[r.tar], r.offset, r.size) for r in self._refs], dtype=np.int64)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.kind, self.description = state["kind"], state["description"]
+        keys = state["keys"]
+        self.keys = keys.split("\0") if isinstance(keys, str) else keys
+        if "paths" in state:
+            self._refs = [_FileRef(p) for p in state["paths"].split("\0")] if self.keys else []
+        elif "tars" in state:
+            tars = state["tars"]
+            self._refs = [_TarRef(tars[t], o, s) for t, o, s in state["members"].tolist()]
+        else:
+            self._refs = state["refs"]
 
     def read(self, index: int) -> bytes:
         ref, key = self._refs[index], self.keys[index]

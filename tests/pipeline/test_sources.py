@@ -120,3 +120,14 @@ def test_expand_braces():
     assert expand_braces("d-{000..002}.tar") == ["d-000.tar", "d-001.tar", "d-002.tar"]
     assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
     assert expand_braces("plain") == ["plain"]
+
+
+def test_sources_survive_pickling_for_the_worker_processes(tmp_path, tree):
+    import pickle
+
+    flat = {k.replace("/", "_"): v for k, v in tree.items()}
+    _write_tar(tmp_path / "s.tar", flat)
+    for src in (open_source(tmp_path / "imgs"), open_source(tmp_path / "s.tar")):
+        copy = pickle.loads(pickle.dumps(src))
+        assert (copy.kind, copy.description, copy.keys) == (src.kind, src.description, src.keys)
+        assert dict(iter(copy)) == dict(iter(src))
