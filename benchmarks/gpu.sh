@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md (~8 min on one H100 for all three):
-#   bash benchmarks/gpu.sh [OUTDIR [infer] [cache] [train]]
+# The GPU figures of benchmarks/RESULTS.md (~10 min on one H100 for all four parts):
+#   bash benchmarks/gpu.sh [OUTDIR [infer] [cache] [train] [train-compile]]
 # Each script prints its table; the logs are kept in OUTDIR (default: benchmarks-out/). Name
-# some of infer/cache/train after OUTDIR to run only those (e.g. to fit a per-call time limit).
+# some parts after OUTDIR to run only those (e.g. to fit a per-call time limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks-out}
 shift || true
-which=" ${*:-infer cache train} "
+which=" ${*:-infer cache train train-compile} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -19,7 +19,10 @@ if [[ $which == *" cache "* ]]; then
     python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8 2>&1 \
         | tee "$out/cache.log" | grep -v '^cache-teachers'
 fi
-if [[ $which == *" train "* ]]; then
-    python benchmarks/train.py --teacher-arch vitl --student-arch vitb --size 560 --images 64 --batch-size 4 --steps 30 \
-        --num-workers 8 --compile 2>&1 | tee "$out/train.log" | grep -v ' step '
-fi
+for part in train train-compile; do
+    if [[ $which == *" $part "* ]]; then
+        flag=$([[ $part == train-compile ]] && echo --compile)
+        python benchmarks/train.py --teacher-arch vitl --student-arch vitb --size 560 --images 64 --batch-size 4 \
+            --steps 30 --num-workers 8 $flag 2>&1 | tee "$out/$part.log" | grep -v ' step '
+    fi
+done
