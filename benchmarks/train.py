@@ -66,7 +66,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         common = dict(output_dir=str(out), student_arch=args.student_arch, batch_size=args.batch_size,
                       num_iterations=args.steps, log_interval=1, checkpoint_interval=10**9, device=args.device,
-                      num_workers=args.num_workers if mode == "cache" else 0, seed=0, compile=args.compile)
+                      num_workers=args.num_workers, seed=0, compile=args.compile)
         if mode == "cache":
             cfg = TrainConfig(cache=[str(cache)], **common)
         else:

@@ -15,6 +15,7 @@ import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -104,6 +105,54 @@ def _prepare_in_worker(item: tuple[int, int]) -> PreparedImage:
     return prepare_image(_worker_state["source"], shard, index, **_worker_state["settings"])
 
 
+def first_good_image(source: ImageSource, index: int, settings: dict[str, Any]) -> tuple[PreparedImage, list[str]]:
+    """Image ``index`` prepared, or when it cannot be read the next one that can (cyclically),
+    with the reasons of those skipped: how the online baseline stands in for stage 1's skips."""
+    reasons = []
+    for probe in range(len(source)):
+        prepared = prepare_image(source, 0, (index + probe) % len(source), **settings)
+        if prepared.skipped is None:
+            return prepared, reasons
+        reasons.append(prepared.skipped.reason)
+    raise DataError(f"{source.description}: no readable image")
+
+
+def _first_good_images_in_worker(item: tuple[Any, tuple[int, ...]]) -> tuple[Any, list[tuple[PreparedImage, list[str]]]]:
+    tag, indices = item
+    return tag, [first_good_image(_worker_state["source"], i, _worker_state["settings"]) for i in indices]
+
+
+def _worker_pool(source: ImageSource, settings: dict[str, Any], num_workers: int) -> ProcessPoolExecutor:
+    # spawn: the caller has threads (and maybe CUDA), which fork does not carry safely
+    return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(source, settings))
+
+
+@contextmanager
+def _pool_errors() -> Iterator[None]:
+    try:
+        yield
+    except BrokenProcessPool:
+        raise DataError("an image preparation worker died (killed for memory, or a decoder crashed on an input); "
+                        "re-run to resume, and with --num-workers 0 to see which image") from None
+
+
+def first_good_images(source: ImageSource, items: Iterable[tuple[Any, tuple[int, ...]]], settings: dict[str, Any],
+                      num_workers: int, lookahead: int) -> Iterator[tuple[Any, list[tuple[PreparedImage, list[str]]]]]:
+    """For each (tag, image indices) of ``items``, in order: (tag, [first_good_image(...) per
+    index]), by ``num_workers`` processes (0: in this process) ``lookahead`` items ahead."""
+    if num_workers <= 0:
+        for tag, indices in items:
+            yield tag, [first_good_image(source, i, settings) for i in indices]
+        return
+    pool = _worker_pool(source, settings, num_workers)
+    try:
+        with _pool_errors():
+            yield from ordered_map(_first_good_images_in_worker, items, pool, lookahead)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def prepared_images(source: ImageSource, work: Iterable[tuple[int, int]], settings: dict[str, Any],
                     num_workers: int, lookahead: int) -> Iterator[PreparedImage]:
     """``prepare_image`` over ``work`` ((shard, index) pairs) in order, by ``num_workers``
@@ -113,13 +162,9 @@ def prepared_images(source: ImageSource, work: Iterable[tuple[int, int]], settin
         for shard, index in work:
             yield prepare_image(source, shard, index, **settings)
         return
-    # spawn: the caller has threads (and maybe CUDA), which fork does not carry safely
-    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(source, settings))
+    pool = _worker_pool(source, settings, num_workers)
     try:
-        yield from ordered_map(_prepare_in_worker, work, pool, lookahead)
-    except BrokenProcessPool:
-        raise DataError("an image preparation worker died (killed for memory, or a decoder crashed on an input); "
-                        "re-run to resume, and with --num-workers 0 to see which image") from None
+        with _pool_errors():
+            yield from ordered_map(_prepare_in_worker, work, pool, lookahead)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -4,6 +4,8 @@ It exists to measure what caching buys and to prove the cache changes nothing: s
 by the very functions stage 1 uses (same crop grid, same views, same teacher forwards, same
 feature projection), then augmented and batched exactly as the cached path does. Sample i is
 region ``i % R`` of the ``i // R``-th image in sorted key order, as in a cache without skips.
+Images are read, decoded and cropped ahead in ``--num-workers`` processes, as a DataLoader
+would; the teachers run in the training process.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ from typing import Any, Iterator
 import torch
 
 from dad.cache.schema import CacheSample
-from dad.errors import DataError
 from dad.pipeline.cache_teachers import FEATURE_SEED, samples_for_batch
-from dad.pipeline.prepare import PreparedImage, prepare_image
+from dad.pipeline.prepare import PreparedImage, first_good_image, first_good_images
 from dad.pipeline.grid import check_grid_settings, parse_patches
 from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, parse_teacher_specs
@@ -39,41 +40,51 @@ class OnlineBatchSource(SamplerBackedSource):
         self.sampler = StepSampler(len(self.source) * cfg.regions_per_image, cfg.batch_size, cfg.grad_accum,
                                    list(self.teachers), cfg.teacher_probs, cfg.seed, rank, world_size,
                                    start_step=start_step)
-        self._prepared: dict[int, PreparedImage] = {}
+        self._reported: set[str] = set()
 
     def describe(self) -> str:
-        return f"online: {len(self.source)} images from {self.cfg.images}, live teachers {', '.join(self.teachers)}"
+        workers = f"{self.cfg.num_workers} image worker processes" if self.cfg.num_workers else "images read in this process"
+        return f"online: {len(self.source)} images from {self.cfg.images}, live teachers {', '.join(self.teachers)}, {workers}"
 
-    def _image(self, index: int) -> PreparedImage:
-        """Decoded and cropped image ``index``; an unreadable one is replaced by the next good one
-        (reported once), so the baseline keeps running as stage 1 would by skipping it."""
-        n = len(self.source)
-        for probe in range(n):
-            i = (index + probe) % n
-            if i not in self._prepared:
-                c = self.cfg
-                prepared = prepare_image(self.source, 0, i, grid_seed=c.grid_seed, min_region=c.min_region,
-                                         global_crop_size=c.global_crop_size, local_crop_size=c.local_crop_size,
-                                         regions_per_image=c.regions_per_image, patches=self.patches, rgb_codec=None)
-                if prepared.skipped is not None:
-                    print(f"online: skipped {prepared.skipped.reason}", file=sys.stderr)
-                if len(self._prepared) > 4 * self.cfg.batch_size:  # a small cache of recent images
-                    self._prepared.pop(next(iter(self._prepared)))
-                self._prepared[i] = prepared
-            if self._prepared[i].skipped is None:
-                return self._prepared[i]
-        raise DataError(f"--images {self.cfg.images}: no readable image")
+    @property
+    def _settings(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"grid_seed": c.grid_seed, "min_region": c.min_region, "global_crop_size": c.global_crop_size,
+                "local_crop_size": c.local_crop_size, "regions_per_image": c.regions_per_image, "patches": self.patches,
+                "rgb_codec": None}
 
-    def samples_for(self, plan: BatchPlan) -> list[CacheSample]:
-        """The teacher's targets for the samples of ``plan``, computed now in one batched pass."""
+    def _image_indices(self, plan: BatchPlan) -> tuple[int, ...]:
+        """The images ``plan`` reads (sample i is region i % R of image i // R), each once."""
+        return tuple(dict.fromkeys(i // self.cfg.regions_per_image for i in plan.indices))
+
+    def samples_for(self, plan: BatchPlan, images: dict[int, PreparedImage] | None = None) -> list[CacheSample]:
+        """The teacher's targets for the samples of ``plan``, computed now in one batched pass.
+        ``images``: image index -> its prepared image (read now when not given). An unreadable
+        image is replaced by the next readable one (reported), as stage 1 would skip it."""
+        if images is None:
+            indices = self._image_indices(plan)
+            images = self._collect(indices, [first_good_image(self.source, i, self._settings) for i in indices])
         r = self.cfg.regions_per_image
-        wanted = [(self._image(i // r), i % r) for i in plan.indices]
-        images = list({p.key: p for p, _ in wanted}.values())
-        made = samples_for_batch(images, [self.teachers[plan.teacher]], self.feature_dim is not None)
+        wanted = [(images[i // r], i % r) for i in plan.indices]
+        unique = list({p.key: p for p, _ in wanted}.values())
+        made = samples_for_batch(unique, [self.teachers[plan.teacher]], self.feature_dim is not None)
         by_key = {(s.image_key, s.region_index): s for s in made}
         return [by_key[p.key, region] for p, region in wanted]
 
+    def _collect(self, indices: tuple[int, ...], found: list[tuple[PreparedImage, list[str]]]) -> dict[int, PreparedImage]:
+        for _, reasons in found:
+            for reason in reasons:
+                if reason not in self._reported:
+                    self._reported.add(reason)
+                    print(f"online: skipped {reason}", file=sys.stderr)
+        return {i: prepared for i, (prepared, _) in zip(indices, found)}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for plan in self.sampler:
-            yield make_batch(self.samples_for(plan), plan, self.cfg.seed, self.cfg.flip_prob, self.cfg.color_jitter,
-                             self.feature_dim is not None)
+        # the images are read, decoded and cropped ahead in --num-workers processes (as a
+        # DataLoader would); the teachers run here, in the training process
+        items = ((plan, self._image_indices(plan)) for plan in self.sampler)
+        lookahead = max(2, 2 * self.cfg.num_workers)
+        for plan, found in first_good_images(self.source, items, self._settings, self.cfg.num_workers, lookahead):
+            images = self._collect(self._image_indices(plan), found)
+            yield make_batch(self.samples_for(plan, images), plan, self.cfg.seed, self.cfg.flip_prob,
+                             self.cfg.color_jitter, self.feature_dim is not None)

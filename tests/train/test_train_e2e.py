@@ -213,6 +213,33 @@ def _aligned_abs_rel(student, teacher, size: int) -> float:
     return float(np.mean(rows))
 
 
+def test_online_batches_do_not_depend_on_the_image_workers(tmp_path, scenes, tiny_checkpoint):
+    """--online reads images ahead in worker processes (as the reference's DataLoader would):
+    the same batches as reading them in the training process, a broken image stood in for."""
+    from itertools import islice
+
+    from dad.train.online import OnlineBatchSource
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(scenes.glob("*.png"))[:6]:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "img_02.png").write_bytes(b"broken")
+    batches = {}
+    for workers in (0, 2):
+        cfg = TrainConfig(online=True, teachers=[f"tiny={tiny_checkpoint}"], images=str(images), output_dir=str(tmp_path),
+                          student_arch=str(TINY_JSON), batch_size=2, num_iterations=3, num_workers=workers,
+                          device="cpu", seed=4, **GRID).validate()
+        source = OnlineBatchSource(cfg, 0, 1, 0, torch.device("cpu"))
+        source.set_total_steps(3)
+        batches[workers] = list(islice(iter(source), 3))
+    assert len(batches[0]) == len(batches[2]) == 3
+    for a, b in zip(batches[0], batches[2]):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            assert torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k], k
+
+
 @pytest.mark.slow
 def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
     """A tiny student trained on a cache of a fixed teacher (the bundled one) gets much closer
