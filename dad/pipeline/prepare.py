@@ -11,13 +11,13 @@ they are. This module imports no torch, so the workers start in a fraction of a 
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -90,21 +90,6 @@ def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the worker pool
-
-_worker_state: dict[str, Any] = {}
-
-
-def _start_worker(source: ImageSource, settings: dict[str, Any]) -> None:
-    _worker_state["source"], _worker_state["settings"] = source, settings
-
-
-def _prepare_in_worker(item: tuple[int, int]) -> PreparedImage:
-    shard, index = item
-    return prepare_image(_worker_state["source"], shard, index, **_worker_state["settings"])
-
-
 def first_good_image(source: ImageSource, index: int, settings: dict[str, Any]) -> tuple[PreparedImage, list[str]]:
     """Image ``index`` prepared, or when it cannot be read the next one that can (cyclically),
     with the reasons of those skipped: how the online baseline stands in for stage 1's skips."""
@@ -117,40 +102,50 @@ def first_good_image(source: ImageSource, index: int, settings: dict[str, Any]) 
     raise DataError(f"{source.description}: no readable image")
 
 
-def _first_good_images_in_worker(item: tuple[Any, tuple[int, ...]]) -> tuple[Any, list[tuple[PreparedImage, list[str]]]]:
-    tag, indices = item
-    return tag, [first_good_image(_worker_state["source"], i, _worker_state["settings"]) for i in indices]
+# ---------------------------------------------------------------------------------------------
+# the worker pool: each process gets the source and settings once, then small work items
+
+_worker_state: dict[str, Any] = {}
 
 
-def _worker_pool(source: ImageSource, settings: dict[str, Any], num_workers: int) -> ProcessPoolExecutor:
+def _start_worker(source: ImageSource, settings: dict[str, Any]) -> None:
+    _worker_state.update(source=source, settings=settings)
+
+
+def _in_worker(fn: Callable[[dict[str, Any], Any], Any], item: Any) -> Any:
+    return fn(_worker_state, item)
+
+
+def _pooled(fn: Callable[[dict[str, Any], Any], Any], items: Iterable[Any], source: ImageSource,
+            settings: dict[str, Any], num_workers: int, lookahead: int) -> Iterator[Any]:
+    """``fn({"source", "settings"}, item)`` for each item, in order, by ``num_workers`` processes
+    (0: in this process) at most ``lookahead`` items ahead of the consumer."""
+    if num_workers <= 0:
+        state = {"source": source, "settings": settings}
+        for item in items:
+            yield fn(state, item)
+        return
     # spawn: the caller has threads (and maybe CUDA), which fork does not carry safely
-    return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker, initargs=(source, settings))
-
-
-@contextmanager
-def _pool_errors() -> Iterator[None]:
     try:
-        yield
+        yield from ordered_map(functools.partial(_in_worker, fn), items, pool, lookahead)
     except BrokenProcessPool:
         raise DataError("an image preparation worker died (killed for memory, or a decoder crashed on an input); "
                         "re-run to resume, and with --num-workers 0 to see which image") from None
-
-
-def first_good_images(source: ImageSource, items: Iterable[tuple[Any, tuple[int, ...]]], settings: dict[str, Any],
-                      num_workers: int, lookahead: int) -> Iterator[tuple[Any, list[tuple[PreparedImage, list[str]]]]]:
-    """For each (tag, image indices) of ``items``, in order: (tag, [first_good_image(...) per
-    index]), by ``num_workers`` processes (0: in this process) ``lookahead`` items ahead."""
-    if num_workers <= 0:
-        for tag, indices in items:
-            yield tag, [first_good_image(source, i, settings) for i in indices]
-        return
-    pool = _worker_pool(source, settings, num_workers)
-    try:
-        with _pool_errors():
-            yield from ordered_map(_first_good_images_in_worker, items, pool, lookahead)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare(state: dict[str, Any], item: tuple[int, int]) -> PreparedImage:
+    shard, index = item
+    return prepare_image(state["source"], shard, index, **state["settings"])
+
+
+def _first_good_images(state: dict[str, Any], item: tuple[Any, tuple[int, ...]]
+                       ) -> tuple[Any, list[tuple[PreparedImage, list[str]]]]:
+    tag, indices = item
+    return tag, [first_good_image(state["source"], i, state["settings"]) for i in indices]
 
 
 def prepared_images(source: ImageSource, work: Iterable[tuple[int, int]], settings: dict[str, Any],
@@ -158,13 +153,11 @@ def prepared_images(source: ImageSource, work: Iterable[tuple[int, int]], settin
     """``prepare_image`` over ``work`` ((shard, index) pairs) in order, by ``num_workers``
     processes (0: in this process) at most ``lookahead`` images ahead of the consumer.
     ``settings``: prepare_image's keyword arguments."""
-    if num_workers <= 0:
-        for shard, index in work:
-            yield prepare_image(source, shard, index, **settings)
-        return
-    pool = _worker_pool(source, settings, num_workers)
-    try:
-        with _pool_errors():
-            yield from ordered_map(_prepare_in_worker, work, pool, lookahead)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return _pooled(_prepare, work, source, settings, num_workers, lookahead)
+
+
+def first_good_images(source: ImageSource, items: Iterable[tuple[Any, tuple[int, ...]]], settings: dict[str, Any],
+                      num_workers: int, lookahead: int) -> Iterator[tuple[Any, list[tuple[PreparedImage, list[str]]]]]:
+    """For each (tag, image indices) of ``items``, in order: (tag, [first_good_image(...) per
+    index]), by ``num_workers`` processes (0: in this process) ``lookahead`` items ahead."""
+    return _pooled(_first_good_images, items, source, settings, num_workers, lookahead)
