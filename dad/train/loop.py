@@ -29,8 +29,8 @@ from dad.train.losses import (
     FeatureProjection,
     distill_loss,
     feature_loss,
-    gradient_loss,
     local_global_loss,
+    shared_context_and_gradient_losses,
 )
 
 STATE_FILE = "train_state.pt"
@@ -63,7 +63,11 @@ def compute_losses(depth: torch.Tensor, tokens: torch.Tensor | None, batch: dict
     dt = batch["depth_region"]
     mode, k = cfg.normalization, cfg.num_segments
     zero = depth.sum() * 0.0
-    terms = {"loss_sc": distill_loss(depth, dt, mode=mode, num_segments=k)}
+    if cfg.lambda_grad > 0:  # L_grad reuses L_sc's global normalisation of both maps
+        sc, grad = shared_context_and_gradient_losses(depth, dt, mode=mode, num_segments=k)
+    else:
+        sc, grad = distill_loss(depth, dt, mode=mode, num_segments=k), zero
+    terms = {"loss_sc": sc}
     terms["loss_lg"] = (
         local_global_loss(depth, batch["depth_patches"], batch["patch_boxes"], batch["region_side"], mode=mode, num_segments=k)
         if cfg.lambda_lg > 0 else zero
@@ -72,7 +76,7 @@ def compute_losses(depth: torch.Tensor, tokens: torch.Tensor | None, batch: dict
         feature_loss(tokens.float(), batch["features"], alpha=cfg.feature_alpha)
         if cfg.lambda_feat > 0 else zero
     )
-    terms["loss_grad"] = gradient_loss(depth, dt) if cfg.lambda_grad > 0 else zero
+    terms["loss_grad"] = grad
     terms["total"] = (
         terms["loss_sc"] + cfg.lambda_lg * terms["loss_lg"] + cfg.lambda_feat * terms["loss_feat"]
         + cfg.lambda_grad * terms["loss_grad"]

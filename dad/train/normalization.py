@@ -206,18 +206,31 @@ def normalized_abs_diff(ds: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor |
     """Per pixel |N_u(ds) - N_u(dt)| averaged over the contexts u containing it (one per level),
     float32 (B, M) with M the flattened pixels; invalid pixels 0. 'none': |ds - dt|.
     The teacher is sorted once for all levels, the student once per level."""
+    return normalized_abs_diff_and_global(ds, dt, mask, mode, num_segments, eps)[0]
+
+
+def normalized_abs_diff_and_global(ds: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None = None,
+                                   mode: str = "hybrid", num_segments: int = 4, eps: float = EPS
+                                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``normalized_abs_diff`` and, when its levels include the global one (modes global and
+    hybrid), the global normalisations (N(ds), N(dt)) it computed on the way, each (B, M), equal
+    to ``normalize_global`` of each map (bit for bit: the same groups, and a value-ordered
+    teacher sort, whose ties hold equal values); else None."""
     levels = mode_levels(mode, num_segments)
     s, m = _flatten(ds, mask)
     t, _ = _flatten(dt, mask)
     if not levels:
-        return torch.where(m, (s - t).abs(), torch.zeros_like(s))
+        return torch.where(m, (s - t).abs(), torch.zeros_like(s)), None
     finest_count = levels[-1]
     finest = segment_ids(t, m, finest_count)  # global: one segment, every valid pixel in it
     order_t = group_order(t, finest)
     total = torch.zeros_like(s)
+    global_maps = None
     for segments, shift in _level_shifts(levels, finest_count):  # a few levels; samples and contexts vectorised
         seg = finest >> shift
         ns = normalize_groups(s, seg, segments, eps)
         nt = normalize_groups(t, seg, segments, eps, order_t)
+        if segments == 1:
+            global_maps = (ns, nt)
         total = total + (ns - nt).abs()
-    return total / len(levels)
+    return total / len(levels), global_maps

@@ -17,6 +17,7 @@ from dad.train.losses import (
     feature_loss,
     gradient_loss,
     local_global_loss,
+    shared_context_and_gradient_losses,
     shared_context_loss,
     total_loss,
 )
@@ -310,3 +311,24 @@ def test_total_loss_weights_and_switched_off_terms():
     assert set(parts.as_dict()) == {"loss_sc", "loss_lg", "loss_feat", "loss_grad", "total"}
     with pytest.raises(ValueError, match="loss_feat"):
         LossTerms.combine(torch.tensor(1.0), lambda_lg=0.0, lambda_feat=1.0, lambda_grad=0.0)
+
+
+@pytest.mark.parametrize("mode", ["global", "hybrid", "local", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_shared_normalisation_gives_the_separate_losses_bit_for_bit(mode, masked):
+    """What training computes (L_grad reusing L_sc's global normalisation) equals the two
+    losses computed on their own: values bit for bit, with ties and constant regions, and
+    gradients up to float rounding (the two paths into N(ds) are summed in another order)."""
+    g = torch.Generator().manual_seed(3)
+    dt = torch.rand(3, 12, 10, generator=g).round(decimals=1)  # many ties
+    dt[1, :4] = 0.5  # a constant block
+    ds0 = torch.rand(3, 12, 10, generator=g)
+    mask = (torch.rand(3, 12, 10, generator=g) > 0.2) if masked else None
+    ds_a, ds_b = ds0.clone().requires_grad_(), ds0.clone().requires_grad_()
+    sc, grad = shared_context_and_gradient_losses(ds_a, dt, mode=mode, num_segments=4, mask=mask)
+    sc_ref = shared_context_loss(ds_b, dt, mode=mode, num_segments=4, mask=mask)
+    grad_ref = gradient_loss(ds_b, dt, mask)
+    assert torch.equal(sc, sc_ref) and torch.equal(grad, grad_ref)
+    (sc + 2 * grad).backward()
+    (sc_ref + 2 * grad_ref).backward()
+    torch.testing.assert_close(ds_a.grad, ds_b.grad, rtol=1e-5, atol=1e-6)
