@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import random
@@ -354,6 +355,9 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
         )
     nonfinite_run = 0
     step = start_step
+    # the objects of start-up (torch, the model, the cache index) live to the end: keep the
+    # garbage collector from walking them all at every full collection, a stall of the loop
+    gc.freeze()
     window = _new_window()
     batches = iter(source)
     while step < total_steps:
