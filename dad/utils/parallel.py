@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from collections import deque
 from concurrent.futures import Executor
 from typing import Any, Callable, Iterable, Iterator
@@ -51,3 +54,19 @@ def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cp
         spare = cpus - 1 - (encode_workers if encode_workers > 1 else 0)
         num_workers = min(32, max(1, spare))
     return num_workers, encode_workers
+
+
+def exit_with_parent() -> None:
+    """Make this worker process exit as soon as its parent dies. A process pool's workers block
+    on a queue whose writing end they hold themselves, so a parent killed with SIGKILL (a
+    preempted or timed-out cluster job) would leave them waiting forever; a thread watching the
+    parent's sentinel ends them instead. Use as (part of) a pool's ``initializer``."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dad-exit-with-parent", daemon=True).start()

@@ -219,11 +219,31 @@ cache_teachers(**json.loads(sys.argv[1]))
 """
 
 
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(reference, image_dir, teachers, tmp_path):
+    """SIGKILL mid-run, then re-run: the cache an uninterrupted run makes, and the killed job's
+    image and encoder processes gone with it (not left waiting forever on a cluster node)."""
     fmt, ref, _ = reference
     out = tmp_path / "killed"
     args = dict(images=str(image_dir), teachers=teachers, output=str(out), fmt=fmt, shard_size=3, batch_size=3,
-                device="cpu", num_workers=2, show_progress=True, **GRID)
+                device="cpu", num_workers=2, encode_workers=2, show_progress=True, **GRID)
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, json.dumps(args)], cwd=REPO, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seen = []
@@ -233,11 +253,17 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(reference, image_dir
             seen.append(line)
             if " written: " in line or time.monotonic() > deadline:
                 break
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
     assert any(" written: " in line for line in seen), "".join(seen)
     assert proc.returncode == -signal.SIGKILL
+    assert len(workers) >= 4  # 2 image workers + 2 encoders (+ multiprocessing's resource tracker)
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "worker processes outlived their killed parent"
     records = sorted((out / "shards").glob("[0-9]*.json"))
     assert 1 <= len(records) < 4  # killed after at least one shard, before the last
     summary = _run(image_dir, teachers, out, fmt)
