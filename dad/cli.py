@@ -14,7 +14,8 @@ from dad.errors import DadError
 
 
 def handle_errors(fn):
-    """Library errors -> one line on stderr and exit code 2 (bad input), not a traceback."""
+    """Library errors -> one line on stderr and exit code 2 (bad input), not a traceback;
+    Ctrl-C -> one line saying how to go on, exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -23,6 +24,12 @@ def handle_errors(fn):
         except DadError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            hint = {"cache_teachers_cmd": "finished shards are kept, nothing half-written is visible; run the same "
+                                          "command again to resume",
+                    "train": "re-run with --resume to continue from the last checkpoint"}.get(fn.__name__, "")
+            click.echo(f"interrupted{': ' + hint if hint else ''}", err=True)
+            sys.exit(130)
 
     return wrapper
 

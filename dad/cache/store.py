@@ -49,7 +49,7 @@ from dad.cache.schema import FORMAT_VERSION, FORMATS, CacheSample, SkippedInput
 from dad.cache.tar_shards import TarShardReader, kind_of_field, write_tar_shard
 from dad.cache.zarr_shards import ZarrShardReader, kind_of, write_zarr_shard
 from dad.errors import CacheError
-from dad.utils.parallel import exit_with_parent, ordered_map, usable_cpus
+from dad.utils.parallel import init_worker_process, ordered_map, usable_cpus
 
 KINDS = ("rgb", "depth", "features", "meta")
 
@@ -116,7 +116,7 @@ class CacheWriter:
         if self._pool is None:
             # spawn: the caller has threads (and maybe CUDA), which fork does not carry safely
             self._pool = ProcessPoolExecutor(self.encode_workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=exit_with_parent)
+                                             initializer=init_worker_process)
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 

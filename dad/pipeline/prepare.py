@@ -28,7 +28,7 @@ from dad.errors import DataError
 from dad.pipeline.grid import RegionPlan, extract_views, plan_regions
 from dad.pipeline.sources import ImageSource
 from dad.utils.images import load_rgb
-from dad.utils.parallel import exit_with_parent, ordered_map
+from dad.utils.parallel import init_worker_process, ordered_map
 
 
 @dataclass
@@ -109,7 +109,7 @@ _worker_state: dict[str, Any] = {}
 
 
 def _start_worker(source: ImageSource, settings: dict[str, Any]) -> None:
-    exit_with_parent()
+    init_worker_process()
     _worker_state.update(source=source, settings=settings)
 
 

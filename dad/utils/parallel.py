@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import threading
 from collections import deque
 from concurrent.futures import Executor
@@ -56,11 +57,13 @@ def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cp
     return num_workers, encode_workers
 
 
-def exit_with_parent() -> None:
-    """Make this worker process exit as soon as its parent dies. A process pool's workers block
-    on a queue whose writing end they hold themselves, so a parent killed with SIGKILL (a
-    preempted or timed-out cluster job) would leave them waiting forever; a thread watching the
-    parent's sentinel ends them instead. Use as (part of) a pool's ``initializer``."""
+def init_worker_process() -> None:
+    """For a pool's ``initializer``: Ctrl-C is the parent's to handle (it stops the pool; a
+    worker dying of it would print its own traceback and break the pool), and the worker exits
+    as soon as its parent dies. A process pool's workers block on a queue whose writing end they
+    hold themselves, so a parent killed with SIGKILL (a preempted or timed-out cluster job) would
+    leave them waiting forever; a thread watching the parent's sentinel ends them instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is None:
         return

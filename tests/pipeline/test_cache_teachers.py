@@ -271,6 +271,50 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(reference, image_dir
     _assert_same(_content(ref), _content(out))
 
 
+_INTERRUPTIBLE_CLI = """
+import sys, time
+from dad.models import DepthAnythingV2
+original = DepthAnythingV2.forward
+def slow(self, *a, **k):
+    time.sleep(0.3)
+    return original(self, *a, **k)
+DepthAnythingV2.forward = slow
+from dad.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_stops_cleanly_with_a_resume_hint(image_dir, teachers, tmp_path):
+    """Ctrl-C reaches the whole process group: the workers leave it to the parent, which stops
+    them, publishes nothing half-written and says how to go on (exit 130, no tracebacks)."""
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-c", _INTERRUPTIBLE_CLI, "cache-teachers", "--images", str(image_dir), "--output", str(out),
+           "--shard-size", "3", "--batch-size", "1", "--device", "cpu", "--num-workers", "2", "--encode-workers", "2",
+           "--global-crop-size", "42", "--local-crop-size", "42", "--min-region", "56", "--feature-dim", "16"]
+    for t in teachers:
+        cmd += ["--teacher", t]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if "/12 [" in line:  # the first progress line: workers up, teachers running
+                break
+        workers = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        rest = proc.stderr.read()
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == 130, rest
+    assert "interrupted: finished shards are kept" in rest and "Traceback" not in rest, rest
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)]
+    from dad.cache.layout import leftover_temps
+
+    assert not leftover_temps(out) and json.loads((out / "manifest.json").read_text())["complete"] is False
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
 def test_lossy_rgb_codec_teacher_sees_decoded_pixels(image_dir, teachers, tmp_path, fmt):
     out = tmp_path / "jpeg"
