@@ -12,8 +12,8 @@ re-run of a finished cache does no teacher work. After its shards each job calls
 Three stages overlap: a pool of worker processes reads, decodes, crops and RGB-encodes images
 (``dad.pipeline.prepare``; for a lossy codec the teacher sees the decoded bytes, what the student
 will read) ahead of the teacher forwards in the main thread; a background thread consumes the
-samples through ``writer.write_shard`` (encode depth and features in the writer's processes,
-compress, write) behind them, fed by a bounded queue. The main process does little besides
+samples through ``writer.write_shard`` (encode depth and features, there or in --encode-workers
+processes; write) behind them, fed by a bounded queue. The main process does little besides
 driving the teachers, so on a GPU its GIL is free for launching kernels.
 """
 
