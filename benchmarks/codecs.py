@@ -312,7 +312,8 @@ def rgb_table(datasets: dict[str, list[np.ndarray]], repeat: int) -> list[str]:
     blosc = _blosc("zstd", 5, Blosc.SHUFFLE)
     cands = [
         ("raw uint8 + shuffle-zstd5 (zarr uint8 array)", lambda a: bytes(blosc.encode(a)), None),
-        ("png level 1", *png(1)), ("png level 3", *png(3)), ("png level 6 (dad: png)", *png(6)), ("png level 9", *png(9)),
+        ("png level 1", *png(1)), ("png level 2 (dad default: png2)", *png(2)), ("png level 3", *png(3)),
+        ("png level 6 (dad: png)", *png(6)), ("png level 9", *png(9)),
         ("jpeg 95 4:4:4 (dad: jpeg95)", *jpeg(95, 0)), ("jpeg 95 4:2:0", *jpeg(95, 2)),
         ("jpeg 90 4:4:4 (dad: jpeg90)", *jpeg(90, 0)), ("jpeg 80 4:2:0 (dad: jpeg80)", *jpeg(80, 2)),
     ]
