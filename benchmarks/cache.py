@@ -4,6 +4,8 @@
     python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8
     # CPU smoke run
     python benchmarks/cache.py --teacher-arch vits --size 112 --images 24 --batch-size 4
+    # can this machine's CPUs feed a GPU forwarding 28.6 images/s (an H100 with ViT-L)? no GPU needed
+    python benchmarks/cache.py --teacher-arch vits --images 256 --simulate-forward-rate 28.6
 
 Side by side in one run, on the same synthetic images: images/s of the bare teacher forwards
 over every view (region view + patches) of every image; images/s of the full pipeline (decode,
@@ -37,6 +39,9 @@ def main() -> None:
     ap.add_argument("--variants", default="zarr/png2,webdataset/png2,zarr/png,zarr/jpeg95",
                     help="format/rgb-codec pairs to run the pipeline with")
     ap.add_argument("--encode-workers", type=int, default=None, help="encoder processes (default: the pipeline's)")
+    ap.add_argument("--simulate-forward-rate", type=float, default=None, metavar="R",
+                    help="no teacher compute: each forward waits as a GPU doing R images/s would (GIL released) and "
+                         "returns the outputs of one real forward; measures whether this machine's CPUs keep up with R")
     args = ap.parse_args()
 
     import torch
@@ -59,6 +64,8 @@ def main() -> None:
     ckpt = save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors")
     device = resolve_device(args.device)
 
+    if args.simulate_forward_rate:
+        simulate_teacher(Teacher, args.simulate_forward_rate)
     # 1. forwards alone: the same number of views per image (1 region view + 4 patches), no I/O
     teacher = Teacher(parse_teacher_specs([f"t={ckpt}"])[0], device)
     teacher.set_projection(64, 0)
@@ -94,6 +101,8 @@ def main() -> None:
         workers = summary["workers"]
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if args.simulate_forward_rate:
+        name = f"none: forwards simulated at {args.simulate_forward_rate:g} images/s"
     encoders = "the writer thread" if workers["encode"] == 1 else f"{workers['encode']} encoder processes"
     print(f"teacher {args.teacher_arch}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
@@ -112,6 +121,23 @@ def main() -> None:
     print()
     print(codec_table(out))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def simulate_teacher(teacher_cls, rate: float) -> None:
+    """Replace the teachers' forwards by what the CPU side sees of a GPU doing ``rate`` images/s:
+    a wait with the GIL released, then outputs (those of one real forward per input shape, made
+    during start-up). What is left to measure is the pipeline's CPU side against that rate."""
+    real = teacher_cls.predict
+    made: dict = {}
+
+    def predict(self, region_views, patches, features):
+        key = (region_views.shape, patches.shape, features)
+        if key not in made:
+            made[key] = real(self, region_views, patches, features)
+        time.sleep(len(region_views) / rate)
+        return made[key]
+
+    teacher_cls.predict = predict
 
 
 def codec_table(cache_dir: Path, samples: int = 8, repeat: int = 3) -> str:

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md (~10 min on one H100 for all four parts):
-#   bash benchmarks/gpu.sh [OUTDIR [infer] [cache] [train] [train-compile]]
+# The GPU figures of benchmarks/RESULTS.md (~10 min on one H100 for all five parts):
+#   bash benchmarks/gpu.sh [OUTDIR [infer] [cache] [losses] [train] [train-compile]]
 # Each script prints its table; the logs are kept in OUTDIR (default: benchmarks-out/). Name
 # some parts after OUTDIR to run only those (e.g. to fit a per-call time limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks-out}
 shift || true
-which=" ${*:-infer cache train train-compile} "
+which=" ${*:-infer cache losses train train-compile} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -18,6 +18,10 @@ fi
 if [[ $which == *" cache "* ]]; then
     python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8 2>&1 \
         | tee "$out/cache.log" | grep -v '^cache-teachers'
+fi
+if [[ $which == *" losses "* ]]; then
+    python benchmarks/losses.py 2>&1 | tee "$out/losses.log"
+    python benchmarks/losses.py --compile 2>&1 | tee -a "$out/losses.log"
 fi
 for part in train train-compile; do
     if [[ $which == *" $part "* ]]; then

@@ -1,0 +1,70 @@
+"""The distillation losses at the paper's sizes: milliseconds per forward + backward, side by side.
+
+    python benchmarks/losses.py                      # B=4, 560 px region views, 2x2 patches of 560 px
+    python benchmarks/losses.py --device cuda --compile
+
+Times each loss term of a training step (L_sc, L_lg, L_grad; hybrid normalisation, 4 segments)
+on random maps, and L_sc + L_grad computed the way training does (L_grad reusing L_sc's global
+normalisation, ``shared_context_and_gradient_losses``) against the two computed on their own.
+Best of --repeat runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--size", type=int, default=560, help="region view and patch size")
+    ap.add_argument("--normalization", default="hybrid")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each variant first")
+    args = ap.parse_args()
+
+    import torch
+
+    from dad.infer import resolve_device
+    from dad.train.losses import distill_loss, gradient_loss, local_global_loss, shared_context_and_gradient_losses
+
+    device = resolve_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    b, s, mode = args.batch_size, args.size, args.normalization
+    ds = (torch.rand(b, s, s, generator=g) + 0.5).to(device).requires_grad_()
+    dt = (torch.rand(b, s, s, generator=g) + 0.5).to(device)
+    dp = (torch.rand(b, 4, s, s, generator=g) + 0.5).to(device)
+    side = int(s * 1.15)
+    half = side / 2
+    boxes = torch.tensor([[0, 0, half, half], [half, 0, side, half], [0, half, half, side], [half, half, side, side]],
+                         device=device).expand(b, 4, 4)
+    sides = torch.full((b,), float(side), device=device)
+    variants = {
+        "L_sc": lambda: distill_loss(ds, dt, mode=mode),
+        "L_lg": lambda: local_global_loss(ds, dp, boxes, sides, mode=mode),
+        "L_grad": lambda: gradient_loss(ds, dt),
+        "L_sc + 2 L_grad, separately": lambda: distill_loss(ds, dt, mode=mode) + 2 * gradient_loss(ds, dt),
+        "L_sc + 2 L_grad, shared (training)": lambda: (lambda sc, gr: sc + 2 * gr)(
+            *shared_context_and_gradient_losses(ds, dt, mode=mode)),
+    }
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"batch {b}, {s} px maps, 2x2 patches of {s} px, {mode} normalisation, device {device}"
+          + (", compiled" if args.compile else ""))
+    for name, fn in variants.items():
+        if args.compile:
+            fn = torch.compile(fn)
+        fn().backward()  # warm-up (and compilation)
+        best = float("inf")
+        for _ in range(args.repeat):
+            sync()
+            start = time.perf_counter()
+            fn().backward()
+            sync()
+            best = min(best, time.perf_counter() - start)
+        print(f"  {name:<36} {1000 * best:8.1f} ms forward + backward")
+
+
+if __name__ == "__main__":
+    main()
