@@ -2,6 +2,7 @@
 
     python benchmarks/codecs.py                        # bundled models + synthetic data
     python benchmarks/codecs.py --teacher syn=/path/to/teacher.safetensors --size 560
+    python benchmarks/codecs.py --tables rgb --rgb-photos DIR   # RGB codecs on stage 1's views of your photos
 
 Four tables, all candidates measured in one run on the same data:
   depth     float32 disparity maps -> stored bytes per pixel, max error / map range, MB/s of
@@ -83,6 +84,22 @@ def photo_views(size: int) -> list[np.ndarray]:
         pil = Image.fromarray(rgb)
         for plan in plan_regions(path.name, rgb.shape[0], rgb.shape[1], 0, size, size, size, 2, (1, 1)):
             views.append(extract_views(pil, plan, size, size)[0])
+    return views
+
+
+def stage1_views(folder: str, size: int) -> list[np.ndarray]:
+    """Every view stage 1 cuts from the photographs in ``folder`` (one region each, its view and
+    its 2x2 patches, S = L = ``size``, regions of at least 1.15 ``size``, the paper's 644 / 560)."""
+    from dad.pipeline.prepare import prepare_image
+    from dad.pipeline.sources import open_source
+
+    source = open_source(folder)
+    views = []
+    for i in range(len(source)):
+        p = prepare_image(source, 0, i, grid_seed=0, min_region=round(size * 1.15), global_crop_size=size,
+                          local_crop_size=size, regions_per_image=1, patches=(2, 2), rgb_codec=None)
+        if p.skipped is None:
+            views += [p.region_views[0], *p.patches[0]]
     return views
 
 
@@ -439,7 +456,11 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=6, help="maps per synthetic data set")
     ap.add_argument("--repeat", type=int, default=3, help="timing: best of this many passes")
     ap.add_argument("--store-samples", type=int, default=8, help="samples for the whole-sample table (0: skip it)")
+    ap.add_argument("--tables", default="depth,rgb,features,store", help="which tables to make")
+    ap.add_argument("--rgb-photos", default=None, metavar="DIR",
+                    help="a folder of photographs: the rgb table gets a column of the views stage 1 cuts from them")
     args = ap.parse_args()
+    tables = set(args.tables.split(","))
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -453,15 +474,22 @@ def main() -> None:
     depth_sets = {"fields": ground_plane_fields(args.synthetic, args.size), "scenes": scene_disp}
     feature_sets = {}
     defaults = [TINY] + ([f"synthetic-teacher={BUNDLED}"] if BUNDLED.is_file() else [])
-    for spec in args.teacher or defaults:
-        name, depths, feats = teacher_outputs(spec, views, args.feature_dim)
-        depth_sets[f"{name}/photos"] = depths
-        feature_sets[f"{name}/photos"] = feats
-    print("depth maps: " + ", ".join(f"{k} {len(v)}" for k, v in depth_sets.items()), flush=True)
-    print("\n".join(depth_table(depth_sets, args.repeat)), "\n", flush=True)
-    print("\n".join(rgb_table({"photos (views)": views, "scenes": scene_rgb}, args.repeat)), "\n", flush=True)
-    print("\n".join(feature_table(feature_sets, args.repeat)), "\n", flush=True)
-    if args.store_samples:
+    if tables & {"depth", "features"}:
+        for spec in args.teacher or defaults:
+            name, depths, feats = teacher_outputs(spec, views, args.feature_dim)
+            depth_sets[f"{name}/photos"] = depths
+            feature_sets[f"{name}/photos"] = feats
+    if "depth" in tables:
+        print("depth maps: " + ", ".join(f"{k} {len(v)}" for k, v in depth_sets.items()), flush=True)
+        print("\n".join(depth_table(depth_sets, args.repeat)), "\n", flush=True)
+    if "rgb" in tables:
+        rgb_sets = {"photos (views)": views, "scenes": scene_rgb}
+        if args.rgb_photos:
+            rgb_sets[f"{Path(args.rgb_photos).name} (views)"] = stage1_views(args.rgb_photos, args.size)
+        print("\n".join(rgb_table(rgb_sets, args.repeat)), "\n", flush=True)
+    if "features" in tables:
+        print("\n".join(feature_table(feature_sets, args.repeat)), "\n", flush=True)
+    if "store" in tables and args.store_samples:
         print("\n".join(store_table(args.size, args.store_samples, args.feature_dim)), flush=True)
 
 

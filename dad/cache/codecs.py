@@ -34,7 +34,7 @@ from dad.errors import CacheError, ConfigError
 PNG_COMPRESS_LEVEL = 6  # plain 'png'
 DEFAULT_JPEG_QUALITY = 95
 # stage 1's default: on views of real photographs zlib level 2 is 6% larger than level 6 and
-# encodes 3.4x faster (20 vs 69 ms per 560 px view; decoding is the same), which is what lets
+# encodes 3.4x faster (~21 vs ~72 ms per 560 px view; decoding is the same), which is what lets
 # the CPUs a cluster gives each GPU (often 8) keep up with a ViT-L teacher (docs/cache-format.md)
 DEFAULT_RGB_CODEC = "png2"
 
