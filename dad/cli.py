@@ -13,9 +13,12 @@ from dad import __version__
 from dad.errors import DadError
 
 
-def handle_errors(fn):
+def handle_errors(fn=None, *, on_interrupt: str = ""):
     """Library errors -> one line on stderr and exit code 2 (bad input), not a traceback;
-    Ctrl-C -> one line saying how to go on, exit code 130."""
+    Ctrl-C -> 'interrupted' and ``on_interrupt`` (how to go on), exit code 130. Use as
+    ``@handle_errors`` or ``@handle_errors(on_interrupt=...)``."""
+    if fn is None:
+        return functools.partial(handle_errors, on_interrupt=on_interrupt)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,10 +28,7 @@ def handle_errors(fn):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            hint = {"cache_teachers_cmd": "finished shards are kept, nothing half-written is visible; run the same "
-                                          "command again to resume",
-                    "train": "re-run with --resume to continue from the last checkpoint"}.get(fn.__name__, "")
-            click.echo(f"interrupted{': ' + hint if hint else ''}", err=True)
+            click.echo(f"interrupted{': ' + on_interrupt if on_interrupt else ''}", err=True)
             sys.exit(130)
 
     return wrapper
@@ -155,7 +155,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--feature-dim", "--feature_dim", "feature_dim", type=int, help="--online: reduced feature width [64].")
 @click.option("--grid-seed", "--grid_seed", "grid_seed", type=int, help="--online: crop grid seed [0].")
 @click.pass_context
-@handle_errors
+@handle_errors(on_interrupt="re-run with --resume to continue from the last checkpoint")
 def train(ctx, config_file, **_):
     """Train a student from cached teacher targets (cross-context distillation)."""
     from dad.train.config import build_config, read_config_file
@@ -270,7 +270,8 @@ def _patches(ctx, param, value):
 @click.option("--encode-workers", "--encode_workers", "encode_workers", default=None, type=int,
               help="Processes that compress the teachers' depth and features behind them (default 1: the "
                    "writer thread, which costs the main process less than shipping the maps elsewhere).")
-@handle_errors
+@handle_errors(on_interrupt="finished shards are kept, nothing half-written is visible; run the same command "
+                            "again to resume")
 def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,
                        patches, features, feature_dim, rgb_codec, shard_size, num_shards, shard_index, batch_size, device,
                        grid_seed, num_workers, encode_workers):

@@ -42,8 +42,8 @@ def usable_cpus() -> int:
 def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cpus: int | None = None) -> tuple[int, int]:
     """Default (image preparation processes, teacher-output encoder processes) for stage 1 on
     ``cpus`` CPUs (default: this job's, shared with the other processes torchrun started on the
-    node). Preparation (decode, crop, PNG-encode the RGB: ~0.45 s of a core per image
-    at 560 px with PNG level 6) gets every CPU but the one driving the teachers. The teachers'
+    node). Preparation (decode, crop, PNG-encode the RGB: ~0.15 s of a core per image at
+    560 px with the default png2, ~0.4 s with png) gets every CPU but the one driving the teachers. The teachers'
     depth and features are encoded in the writer thread (encode_workers 1) by default: numpy
     and blosc release the GIL there, while shipping the maps to encoder processes costs the
     main process more GIL time (pickling) than encoding them (~0.02 s per image and teacher)."""
