@@ -290,6 +290,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from dad.train.sources import make_batch_source
 
     info, device = init_distributed(cfg.device)
+    if device.type == "cuda":  # every step has the same input sizes: let cuDNN time its conv algorithms once
+        torch.backends.cudnn.benchmark = True
     out_dir = Path(cfg.output_dir)
     logger = RunLogger(out_dir, info.is_main)
     try:
