@@ -237,6 +237,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux /proc")
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(reference, image_dir, teachers, tmp_path):
     """SIGKILL mid-run, then re-run: the cache an uninterrupted run makes, and the killed job's
     image and encoder processes gone with it (not left waiting forever on a cluster node)."""
@@ -284,6 +285,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux /proc")
 def test_ctrl_c_stops_cleanly_with_a_resume_hint(image_dir, teachers, tmp_path):
     """Ctrl-C reaches the whole process group: the workers leave it to the parent, which stops
     them, publishes nothing half-written and says how to go on (exit 130, no tracebacks)."""
