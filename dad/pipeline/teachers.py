@@ -135,7 +135,7 @@ class Teacher:
         n, m = len(region_views), len(patches)
         size_s, size_l = region_views.shape[1], patches.shape[1] if m else region_views.shape[1]
         if size_s == size_l and m:
-            depth, tokens = self._forward(np.concatenate([region_views, patches]))
+            depth, tokens = self._forward(region_views, patches)
             depth_region, depth_patches, tokens = depth[:n], depth[n:], tokens[:n]
         else:
             depth_region, tokens = self._forward(region_views)
@@ -148,9 +148,11 @@ class Teacher:
             feats = project_tokens(tokens, self._projection, (size_s // p, size_s // p)).cpu().numpy()
         return depth_region.cpu().numpy(), depth_patches.cpu().numpy(), feats
 
-    def _forward(self, views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, *views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over the concatenated view arrays (joined on the device: no host copy)."""
         model = self.model
-        x = torch.from_numpy(np.ascontiguousarray(views)).to(self.device, non_blocking=True)
+        parts = [torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=True) for v in views]
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
         x = normalize(x.permute(0, 3, 1, 2).float() / 255.0)
         with autocast_for(self.device):
             depth, tokens = model(x, return_features=True)
