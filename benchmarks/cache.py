@@ -127,17 +127,17 @@ def simulate_teacher(teacher_cls, rate: float) -> None:
     """Replace the teachers' forwards by what the CPU side sees of a GPU doing ``rate`` images/s:
     a wait with the GIL released, then outputs (those of one real forward per input shape, made
     during start-up). What is left to measure is the pipeline's CPU side against that rate."""
-    real = teacher_cls.predict
+    real = teacher_cls.predict_parts
     made: dict = {}
 
-    def predict(self, region_views, patches, features):
-        key = (region_views.shape, patches.shape, features)
+    def predict_parts(self, region_parts, patch_parts, features):
+        key = (tuple(a.shape for a in region_parts), tuple(a.shape for a in patch_parts), features)
         if key not in made:
-            made[key] = real(self, region_views, patches, features)
-        time.sleep(len(region_views) / rate)
+            made[key] = real(self, region_parts, patch_parts, features)
+        time.sleep(sum(len(a) for a in region_parts) / rate)
         return made[key]
 
-    teacher_cls.predict = predict
+    teacher_cls.predict_parts = predict_parts  # predict goes through it too
 
 
 def codec_table(cache_dir: Path, samples: int = 8, repeat: int = 3) -> str:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from dad.cache.codecs import DEFAULT_RGB_CODEC, rgb_extension
@@ -344,22 +343,21 @@ def _batches(items: Iterable[PreparedImage], size: int) -> Iterator[list[Prepare
 def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool) -> list[CacheSample]:
     """All teachers on all views of ``good`` -> one CacheSample per (image, region), holding the
     pixels the teachers saw."""
-    region_views = np.concatenate([g.region_views for g in good])  # (B*R, S, S, 3)
-    patch_views = np.concatenate([g.patches for g in good])  # (B*R, P, L, L, 3)
-    num_regions, num_patches = patch_views.shape[:2]
-    flat_patches = patch_views.reshape(-1, *patch_views.shape[2:])
+    region_parts = [g.region_views for g in good]  # each (R, S, S, 3)
+    patch_parts = [g.patches.reshape(-1, *g.patches.shape[2:]) for g in good]  # each (R * P, L, L, 3)
+    num_regions, num_patches = sum(len(r) for r in region_parts), good[0].patches.shape[1]
     outputs = {}
     for t in teachers:
-        d_region, d_patches, feats = t.predict(region_views, flat_patches, features)
+        d_region, d_patches, feats = t.predict_parts(region_parts, patch_parts, features)
         outputs[t.name] = (d_region, d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:]), feats)
     samples = []
     row = 0
     for g in good:
-        for plan in g.plans:
+        for r, plan in enumerate(g.plans):
             samples.append(CacheSample(
                 key=sample_key(g.key, plan.region_index), image_key=g.key, region_index=plan.region_index,
                 image_size=g.image_size, region_box=plan.region_box_array(), patch_boxes=plan.patch_boxes_array(),
-                rgb_region=region_views[row], rgb_patches=patch_views[row],
+                rgb_region=g.region_views[r], rgb_patches=g.patches[r],
                 depth_region={n: o[0][row] for n, o in outputs.items()},
                 depth_patches={n: o[1][row] for n, o in outputs.items()},
                 features={n: o[2][row] for n, o in outputs.items()} if features else {},

@@ -127,19 +127,26 @@ class Teacher:
     def set_projection(self, feature_dim: int, seed: int) -> None:
         self._projection = torch.from_numpy(orthogonal_projection(self.embed_dim, feature_dim, seed).copy()).to(self.device)
 
-    @torch.no_grad()
     def predict(self, region_views: np.ndarray, patches: np.ndarray, features: bool
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """uint8 region views (N, S, S, 3) and patches (M, L, L, 3) -> float32 depth (N, S, S),
         float32 depth (M, L, L), and with ``features`` float16 reduced tokens (N, S/14, S/14, D)."""
-        n, m = len(region_views), len(patches)
-        size_s, size_l = region_views.shape[1], patches.shape[1] if m else region_views.shape[1]
+        return self.predict_parts([region_views], [patches], features)
+
+    @torch.no_grad()
+    def predict_parts(self, region_parts: Sequence[np.ndarray], patch_parts: Sequence[np.ndarray], features: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``predict`` of the region views and patches given as several arrays each (e.g. one per
+        image), joined on the device rather than copied together on the host first."""
+        n, m = sum(len(a) for a in region_parts), sum(len(a) for a in patch_parts)
+        size_s = region_parts[0].shape[1]
+        size_l = next((a.shape[1] for a in patch_parts if len(a)), size_s)
         if size_s == size_l and m:
-            depth, tokens = self._forward(region_views, patches)
+            depth, tokens = self._forward(*region_parts, *patch_parts)
             depth_region, depth_patches, tokens = depth[:n], depth[n:], tokens[:n]
         else:
-            depth_region, tokens = self._forward(region_views)
-            depth_patches = self._forward(patches)[0] if m else depth_region.new_zeros((0, size_l, size_l))
+            depth_region, tokens = self._forward(*region_parts)
+            depth_patches = self._forward(*patch_parts)[0] if m else depth_region.new_zeros((0, size_l, size_l))
         feats = None
         if features:
             if self._projection is None:
