@@ -41,17 +41,14 @@ class OnlineBatchSource(SamplerBackedSource):
                                    list(self.teachers), cfg.teacher_probs, cfg.seed, rank, world_size,
                                    start_step=start_step)
         self._reported: set[str] = set()
+        # prepare_image's settings: the crop grid of --online, no RGB encoding (nothing is stored)
+        self.settings = {"grid_seed": cfg.grid_seed, "min_region": cfg.min_region, "global_crop_size": cfg.global_crop_size,
+                         "local_crop_size": cfg.local_crop_size, "regions_per_image": cfg.regions_per_image,
+                         "patches": self.patches, "rgb_codec": None}
 
     def describe(self) -> str:
         workers = f"{self.cfg.num_workers} image worker processes" if self.cfg.num_workers else "images read in this process"
         return f"online: {len(self.source)} images from {self.cfg.images}, live teachers {', '.join(self.teachers)}, {workers}"
-
-    @property
-    def _settings(self) -> dict[str, Any]:
-        c = self.cfg
-        return {"grid_seed": c.grid_seed, "min_region": c.min_region, "global_crop_size": c.global_crop_size,
-                "local_crop_size": c.local_crop_size, "regions_per_image": c.regions_per_image, "patches": self.patches,
-                "rgb_codec": None}
 
     def _image_indices(self, plan: BatchPlan) -> tuple[int, ...]:
         """The images ``plan`` reads (sample i is region i % R of image i // R), each once."""
@@ -63,7 +60,7 @@ class OnlineBatchSource(SamplerBackedSource):
         image is replaced by the next readable one (reported), as stage 1 would skip it."""
         if images is None:
             indices = self._image_indices(plan)
-            images = self._collect(indices, [first_good_image(self.source, i, self._settings) for i in indices])
+            images = self._collect(indices, [first_good_image(self.source, i, self.settings) for i in indices])
         r = self.cfg.regions_per_image
         wanted = [(images[i // r], i % r) for i in plan.indices]
         unique = list({p.key: p for p, _ in wanted}.values())
@@ -82,9 +79,14 @@ class OnlineBatchSource(SamplerBackedSource):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # the images are read, decoded and cropped ahead in --num-workers processes (as a
         # DataLoader would); the teachers run here, in the training process
-        items = ((plan, self._image_indices(plan)) for plan in self.sampler)
+        def items() -> Iterator[tuple[tuple[BatchPlan, tuple[int, ...]], tuple[int, ...]]]:
+            for plan in self.sampler:
+                indices = self._image_indices(plan)
+                yield (plan, indices), indices  # (tag, what to read)
+
         lookahead = max(2, 2 * self.cfg.num_workers)
-        for plan, found in first_good_images(self.source, items, self._settings, self.cfg.num_workers, lookahead):
-            images = self._collect(self._image_indices(plan), found)
+        for (plan, indices), found in first_good_images(self.source, items(), self.settings, self.cfg.num_workers,
+                                                        lookahead):
+            images = self._collect(indices, found)
             yield make_batch(self.samples_for(plan, images), plan, self.cfg.seed, self.cfg.flip_prob,
                              self.cfg.color_jitter, self.feature_dim is not None)

@@ -43,8 +43,9 @@ def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cp
     """Default (image preparation processes, teacher-output encoder processes) for stage 1 on
     ``cpus`` CPUs (default: this job's, shared with the other processes torchrun started on the
     node). Preparation (decode, crop, PNG-encode the RGB: ~0.15 s of a core per image at
-    560 px with the default png2, ~0.4 s with png) gets every CPU but the one driving the teachers. The teachers'
-    depth and features are encoded in the writer thread (encode_workers 1) by default: numpy
+    560 px with the default png2, ~0.4 s with png) gets every CPU but the one driving the
+    teachers. The teachers' depth and features are encoded in the writer thread
+    (encode_workers 1) by default: numpy
     and blosc release the GIL there, while shipping the maps to encoder processes costs the
     main process more GIL time (pickling) than encoding them (~0.02 s per image and teacher)."""
     if encode_workers is None:
