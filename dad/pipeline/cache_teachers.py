@@ -494,7 +494,7 @@ def cache_teachers(
                     clock.reset()  # the split, like the steady rate, leaves start-up out
                     # Start-up made millions of long-lived objects (torch, the source's key list);
                     # every full garbage collection would walk them all, holding the GIL the
-                    # teachers need (a third of this process's GIL time in a profile)
+                    # teachers need (a large share of this process's GIL time in a py-spy profile)
                     gc.freeze()
                 bar.update(len(batch), postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
             with clock("writer"):
