@@ -5,8 +5,13 @@
 
 Times each loss term of a training step (L_sc, L_lg, L_grad; hybrid normalisation, 4 segments)
 on random maps, and L_sc + L_grad computed the way training does (L_grad reusing L_sc's global
-normalisation, ``shared_context_and_gradient_losses``) against the two computed on their own.
-Best of --repeat runs after a warm-up.
+normalisation, ``shared_context_and_gradient_losses``) against the two computed on their own;
+each with the normalisation run level by level and map by map, and with both maps at every
+level stacked into one pass (``dad.train.normalization.STACKED``: stacked on GPUs, per level
+on CPUs). Best of --repeat runs after a warm-up. "operator calls" counts the calls of a forward
++ backward that reach the device (views left out): about one kernel launch each on a GPU, where
+launching, not computing, is what a step's many small loss kernels cost (eager mode; --compile
+fuses them).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ def main() -> None:
     import torch
 
     from dad.infer import resolve_device
+    from dad.train import normalization
     from dad.train.losses import distill_loss, gradient_loss, local_global_loss, shared_context_and_gradient_losses
+    from dad.utils.profiling import OperatorCalls
 
     device = resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -52,18 +59,31 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"batch {b}, {s} px maps, 2x2 patches of {s} px, {mode} normalisation, device {device}"
           + (", compiled" if args.compile else ""))
+    default = device.type != "cpu"  # what dad.train.normalization.STACKED = None picks here
+    # compiling takes a while: with --compile, only the path training takes on this device
+    paths = (default,) if args.compile else (False, True)
+    print(f"  {'':<36} {'ms, forward + backward':>24} {'operator calls':>18}")
+    print(f"  {'':<36} {'per level':>11} {'stacked':>12} {'per level':>10} {'stacked':>8}")
     for name, fn in variants.items():
-        if args.compile:
-            fn = torch.compile(fn)
-        fn().backward()  # warm-up (and compilation)
-        best = float("inf")
-        for _ in range(args.repeat):
-            sync()
-            start = time.perf_counter()
-            fn().backward()
-            sync()
-            best = min(best, time.perf_counter() - start)
-        print(f"  {name:<36} {1000 * best:8.1f} ms forward + backward")
+        times, calls = {}, {}
+        for stacked in paths:
+            normalization.STACKED = stacked
+            with OperatorCalls() as counter:  # eager, before any compilation
+                fn().backward()
+            calls[stacked] = str(counter.calls)
+            run = torch.compile(fn) if args.compile else fn
+            run().backward()  # warm-up (and compilation)
+            best = float("inf")
+            for _ in range(args.repeat):
+                sync()
+                start = time.perf_counter()
+                run().backward()
+                sync()
+                best = min(best, time.perf_counter() - start)
+            times[stacked] = f"{1000 * best:.1f}"
+        print(f"  {name:<36} {times.get(False, '-'):>11} {times.get(True, '-'):>12} "
+              f"{calls.get(False, '-'):>10} {calls.get(True, '-'):>8}")
+    print(f"(training takes the {'stacked' if default else 'per level'} path on this device; operator calls: eager)")
 
 
 if __name__ == "__main__":

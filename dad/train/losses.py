@@ -81,7 +81,7 @@ def crop_patches(ds_region: torch.Tensor, patch_boxes: torch.Tensor, region_side
     boxes = patch_boxes.to(device=ds_region.device, dtype=torch.float32)
     side = region_side.to(device=ds_region.device, dtype=torch.float32).reshape(b, 1)
     # box corners in normalised view coordinates, -1 at the left/top edge and +1 at the right/bottom
-    x0, y0, x1, y1 = (boxes[..., i] / side * 2 - 1 for i in range(4))  # each (B, P)
+    x0, y0, x1, y1 = (boxes / side[..., None] * 2 - 1).unbind(-1)  # each (B, P)
     steps = (torch.arange(size, device=ds_region.device, dtype=torch.float32) + 0.5) / size
     gx = x0[..., None] + steps * (x1 - x0)[..., None]  # (B, P, L): sample columns
     gy = y0[..., None] + steps * (y1 - y0)[..., None]  # (B, P, L): sample rows
@@ -139,20 +139,27 @@ def gradient_loss(ds: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None 
     filtering); each scale adds (sum over valid horizontal neighbour pairs of |R_k(x+1) - R_k(x)|
     + the same vertically) / (number of valid pixels of R_k). A difference is taken only when
     both pixels are valid. Summed over scales; batch mean, or (B,) with 'none'."""
-    m = torch.ones_like(ds, dtype=torch.bool) if mask is None else mask.to(device=ds.device, dtype=torch.bool)
+    m = None if mask is None else mask.to(device=ds.device, dtype=torch.bool)
     r = normalize_global(ds.float(), m, eps) - normalize_global(dt.float(), m, eps)
     return _gradient_matching(r, m, num_scales, reduction)
 
 
-def _gradient_matching(r: torch.Tensor, m: torch.Tensor, num_scales: int, reduction: str) -> torch.Tensor:
-    """gradient_loss from the residual R = N(ds) - N(dt) (B, H, W) and the valid mask."""
+def _gradient_matching(r: torch.Tensor, m: torch.Tensor | None, num_scales: int, reduction: str) -> torch.Tensor:
+    """gradient_loss from the residual R = N(ds) - N(dt) (B, H, W) and the valid mask (None:
+    all valid, which training's dense cached targets are, and which needs half the kernels)."""
     total = r.new_zeros(r.shape[0])
     for k in range(num_scales):  # a few scales; the batch is vectorised
         step = 2**k
-        rk, mk = r[:, ::step, ::step], m[:, ::step, ::step]
-        gx = torch.where(mk[:, :, 1:] & mk[:, :, :-1], (rk[:, :, 1:] - rk[:, :, :-1]).abs(), 0.0)
-        gy = torch.where(mk[:, 1:, :] & mk[:, :-1, :], (rk[:, 1:, :] - rk[:, :-1, :]).abs(), 0.0)
-        count = mk.flatten(1).sum(dim=1).clamp(min=1)
+        rk = r[:, ::step, ::step]
+        gx = (rk[:, :, 1:] - rk[:, :, :-1]).abs()
+        gy = (rk[:, 1:, :] - rk[:, :-1, :]).abs()
+        if m is None:
+            count = rk.shape[1] * rk.shape[2]
+        else:
+            mk = m[:, ::step, ::step]
+            gx = torch.where(mk[:, :, 1:] & mk[:, :, :-1], gx, 0.0)
+            gy = torch.where(mk[:, 1:, :] & mk[:, :-1, :], gy, 0.0)
+            count = mk.flatten(1).sum(dim=1).clamp(min=1)
         total = total + (gx.flatten(1).sum(dim=1) + gy.flatten(1).sum(dim=1)) / count
     return _reduce(total, reduction)
 
@@ -167,7 +174,7 @@ def shared_context_and_gradient_losses(ds: torch.Tensor, dt: torch.Tensor, mode:
     sc, global_maps = _distill_loss_and_global(ds, dt, mask, mode, num_segments, eps, "mean")
     if global_maps is None:
         return sc, gradient_loss(ds, dt, mask, num_scales, eps)
-    m = torch.ones_like(ds, dtype=torch.bool) if mask is None else mask.to(device=ds.device, dtype=torch.bool)
+    m = None if mask is None else mask.to(device=ds.device, dtype=torch.bool)
     ns, nt = global_maps
     return sc, _gradient_matching((ns - nt).reshape(ds.shape), m, num_scales, "mean")
 

@@ -26,7 +26,8 @@ of two is exact in floating point), so level S's ids are the finest level's ids 
 The teacher's (finest segment, value) order is therefore a (segment, value) order at every
 level, because a segment is an interval of teacher values (x -> floor((x - min) / span * K) is
 monotone under IEEE rounding): the teacher map is sorted once. The student needs one sort per
-level. Everything is computed in float32.
+level; on GPUs its levels are stacked into one sort, and both maps at every level are
+normalised in one pass (``STACKED``). Everything is computed in float32.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ from dad.errors import ConfigError
 
 EPS = 1e-6
 MODES = ("global", "hybrid", "local", "none")
+# How the losses normalise a student map and its teacher at every level: True, in one pass over
+# stacked rows, a few dozen kernels in all instead of a few dozen per level and map (a GPU
+# step is short of kernel launches, not of memory); False, map by map and level by level,
+# whose smaller temporaries suit CPUs (their allocator maps every buffer over 32 MB afresh:
+# stacked is 2x slower at 560 px there); None, stacked on every device but the CPU. The
+# values are the same; the sum over levels may differ in the last bit.
+STACKED: bool | None = None
 
 
 def hierarchy_levels(num_segments: int) -> list[int]:
@@ -60,14 +68,19 @@ def mode_levels(mode: str, num_segments: int) -> list[int]:
     return levels if mode == "hybrid" else levels[-1:]
 
 
-def _flatten(d: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _flatten(d: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, ...) -> (B, M) float32 values with invalid entries zeroed (NaN/inf there cannot leak
-    into the result or its gradient) and the (B, M) boolean mask."""
+    into the result or its gradient) and the (B, M) boolean mask (None: every entry valid)."""
     flat = d.reshape(d.shape[0], -1).float()
     if mask is None:
-        return flat, torch.ones_like(flat, dtype=torch.bool)
+        return flat, None
     m = mask.reshape(flat.shape).to(device=flat.device, dtype=torch.bool)
     return torch.where(m, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)), m
+
+
+def _outside(flat: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """Group ids of one group holding the valid pixels: 0 valid, 1 invalid (int64, (R, M))."""
+    return torch.zeros_like(flat, dtype=torch.long) if m is None else (~m).long()
 
 
 def group_order(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -80,9 +93,10 @@ def group_order(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return ((groups << 32) | bits).argsort(dim=1)
 
 
-def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(median, MAD, count) per group, each (R, G), and each pixel's group median (R, M)."""
+def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: torch.Tensor | None,
+                 all_grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(median, MAD, count) per group, each (R, G), and each pixel's group median (R, M).
+    ``all_grouped``: the caller knows every id is below G (no pixel outside the groups)."""
     r, m = x.shape
     g = num_groups
     if order is None:
@@ -97,7 +111,9 @@ def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: 
     med = torch.where(count > 0, med, torch.zeros_like(med))
     # MAD: per-group sums of |x - med| as differences of a cumulative sum in group order
     med_px = torch.cat([med, med.new_zeros(r, 1)], dim=1).gather(1, groups)
-    dev = torch.where(groups < g, (x - med_px).abs(), torch.zeros_like(x))
+    dev = (x - med_px).abs()
+    if not all_grouped:
+        dev = torch.where(groups < g, dev, torch.zeros_like(x))
     csum = torch.cat([dev.new_zeros(r, 1, dtype=torch.float64),
                       dev.gather(1, order).double().cumsum(dim=1)], dim=1)
     sums = csum.gather(1, start + count) - csum.gather(1, start)
@@ -121,20 +137,21 @@ def grouped_median_mad(x: torch.Tensor, groups: torch.Tensor, num_groups: int,
 
 
 def normalize_groups(x: torch.Tensor, groups: torch.Tensor, num_groups: int, eps: float = EPS,
-                     order: torch.Tensor | None = None) -> torch.Tensor:
+                     order: torch.Tensor | None = None, all_grouped: bool = False) -> torch.Tensor:
     """(R, M) -> (R, M): each pixel as (x - med_u) / (MAD_u + eps) with u its group; 0 where
-    ``groups == num_groups`` (no group). ``order`` as for ``grouped_median_mad``."""
-    _, mad, _, med_px = _group_stats(x, groups, num_groups, order)
+    ``groups == num_groups`` (no group). ``order`` as for ``grouped_median_mad``;
+    ``all_grouped=True`` promises no such pixel, which saves the masking kernels."""
+    _, mad, _, med_px = _group_stats(x, groups, num_groups, order, all_grouped)
     mad_px = torch.cat([mad, mad.new_zeros(x.shape[0], 1)], dim=1).gather(1, groups)
     out = (x - med_px) / (mad_px + eps)
-    return torch.where(groups < num_groups, out, torch.zeros_like(out))
+    return out if all_grouped else torch.where(groups < num_groups, out, torch.zeros_like(out))
 
 
 def masked_median_mad(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of x (R, ...): (median, MAD, count) over the entries where ``mask``, each (R,).
     Median of an even count: the lower middle element. Rows with no valid entry: 0, 0, 0."""
     flat, m = _flatten(x, mask)
-    med, mad, count = grouped_median_mad(flat, (~m).long(), 1)
+    med, mad, count = grouped_median_mad(flat, _outside(flat, m), 1)
     return med[:, 0], mad[:, 0], count[:, 0]
 
 
@@ -143,22 +160,25 @@ def segment_ids(dt: torch.Tensor, mask: torch.Tensor | None, segments: int) -> t
     the sample's valid range [min, max] holds it (half-open [a, b), the last closed at max);
     ``segments`` for invalid pixels. A constant map puts every valid pixel in segment 0."""
     flat, m = _flatten(dt.detach(), mask)
-    big = torch.finfo(flat.dtype).max
-    lo = torch.where(m, flat, torch.full_like(flat, big)).amin(dim=1, keepdim=True)
-    hi = torch.where(m, flat, torch.full_like(flat, -big)).amax(dim=1, keepdim=True)
+    if m is None:
+        lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
+    else:
+        big = torch.finfo(flat.dtype).max
+        lo = torch.where(m, flat, torch.full_like(flat, big)).amin(dim=1, keepdim=True)
+        hi = torch.where(m, flat, torch.full_like(flat, -big)).amax(dim=1, keepdim=True)
     span = hi - lo
     spread = span > 0  # False for constant maps and for samples without a valid pixel
     frac = (flat - lo) / torch.where(spread, span, torch.ones_like(span))
     seg = (frac * segments).floor().clamp(0, segments - 1).long()
     seg = torch.where(spread, seg, torch.zeros_like(seg))
-    return torch.where(m, seg, torch.full_like(seg, segments))
+    return seg if m is None else torch.where(m, seg, torch.full_like(seg, segments))
 
 
 def normalize_global(d: torch.Tensor, mask: torch.Tensor | None = None, eps: float = EPS) -> torch.Tensor:
     """N(d) = (d - med(d)) / (MAD(d) + eps) per sample over valid pixels; float32 of d's shape,
     invalid pixels 0."""
     flat, m = _flatten(d, mask)
-    return normalize_groups(flat, (~m).long(), 1, eps).reshape(d.shape)
+    return normalize_groups(flat, _outside(flat, m), 1, eps, all_grouped=m is None).reshape(d.shape)
 
 
 def normalize_local(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None = None,
@@ -167,7 +187,8 @@ def normalize_local(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None
     ``num_segments`` parts (SPEC 'local'); float32 of d's shape, invalid pixels 0."""
     hierarchy_levels(num_segments)
     flat, _ = _flatten(d, mask)
-    return normalize_groups(flat, segment_ids(dt, mask, num_segments), num_segments, eps).reshape(d.shape)
+    return normalize_groups(flat, segment_ids(dt, mask, num_segments), num_segments, eps,
+                            all_grouped=mask is None).reshape(d.shape)
 
 
 def normalize_hybrid(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None = None,
@@ -176,7 +197,7 @@ def normalize_hybrid(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | Non
     (num_levels, *d.shape), one map per level (pixel p at level S: N_u(d)_p, u its context)."""
     flat, _ = _flatten(d, mask)
     finest = segment_ids(dt, mask, num_segments)
-    maps = [normalize_groups(flat, finest >> shift, s, eps) for s, shift in _level_shifts(hierarchy_levels(num_segments), num_segments)]
+    maps = [normalize_groups(flat, finest >> shift, s, eps, all_grouped=mask is None) for s, shift in _level_shifts(hierarchy_levels(num_segments), num_segments)]
     return torch.stack(maps).reshape(-1, *d.shape)
 
 
@@ -215,22 +236,40 @@ def normalized_abs_diff_and_global(ds: torch.Tensor, dt: torch.Tensor, mask: tor
     """``normalized_abs_diff`` and, when its levels include the global one (modes global and
     hybrid), the global normalisations (N(ds), N(dt)) it computed on the way, each (B, M), equal
     to ``normalize_global`` of each map (bit for bit: the same groups, and a value-ordered
-    teacher sort, whose ties hold equal values); else None."""
+    teacher sort, whose ties hold equal values); else None. See ``STACKED`` for how."""
     levels = mode_levels(mode, num_segments)
     s, m = _flatten(ds, mask)
     t, _ = _flatten(dt, mask)
     if not levels:
-        return torch.where(m, (s - t).abs(), torch.zeros_like(s)), None
-    finest_count = levels[-1]
-    finest = segment_ids(t, m, finest_count)  # global: one segment, every valid pixel in it
+        diff = (s - t).abs()
+        return (diff if m is None else torch.where(m, diff, torch.zeros_like(diff))), None
+    k = levels[-1]
+    finest = segment_ids(t, m, k)  # global: one segment, every valid pixel in it
+    # the teacher's (finest segment, value) order is a (segment, value) order at every level
     order_t = group_order(t, finest)
-    total = torch.zeros_like(s)
-    global_maps = None
-    for segments, shift in _level_shifts(levels, finest_count):  # a few levels; samples and contexts vectorised
-        seg = finest >> shift
-        ns = normalize_groups(s, seg, segments, eps)
-        nt = normalize_groups(t, seg, segments, eps, order_t)
-        if segments == 1:
-            global_maps = (ns, nt)
-        total = total + (ns - nt).abs()
-    return total / len(levels), global_maps
+    level_shifts = _level_shifts(levels, k)
+    if STACKED if STACKED is not None else s.device.type != "cpu":
+        ns, nt = _normalize_stacked(s, t, m, finest, order_t, [shift for _, shift in level_shifts], k, eps)
+    else:
+        dense = m is None
+        ns = [normalize_groups(s, finest >> shift, n, eps, all_grouped=dense) for n, shift in level_shifts]
+        nt = [normalize_groups(t, finest >> shift, n, eps, order_t, all_grouped=dense) for n, shift in level_shifts]
+    total = sum((a - b).abs() for a, b in zip(ns, nt))
+    return total / len(levels), ((ns[0], nt[0]) if levels[0] == 1 else None)
+
+
+def _normalize_stacked(s: torch.Tensor, t: torch.Tensor, m: torch.Tensor | None, finest: torch.Tensor,
+                       order_t: torch.Tensor, shifts: list[int], k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student s and teacher t (R, M) normalised at the levels whose ids are finest >> shift, in
+    one ``normalize_groups`` call over the stacked rows: two (L, R, M) tensors. The invalid id
+    stays k at every level, so every row has k groups, of which a coarser level leaves the top
+    ones empty (empty groups drop out)."""
+    num_levels, (rows, pixels) = len(shifts), s.shape
+    ids = torch.cat([finest >> shift for shift in shifts])  # (L * R, M)
+    if m is not None:
+        ids = ids.masked_fill((finest == k).repeat(num_levels, 1), k)
+    s_rows = s.expand(num_levels, rows, pixels).reshape(-1, pixels)
+    t_rows = t.expand(num_levels, rows, pixels).reshape(-1, pixels)
+    order = torch.cat([group_order(s_rows, ids), order_t.repeat(num_levels, 1)])
+    both = normalize_groups(torch.cat([s_rows, t_rows]), ids.repeat(2, 1), k, eps, order, all_grouped=m is None)
+    return both.view(2, num_levels, rows, pixels).unbind(0)

@@ -251,3 +251,48 @@ def test_a_sample_without_valid_pixels_gives_zeros():
     for mode in ("global", "hybrid", "local", "none"):
         diff = normalized_abs_diff(ds, dt, mask, mode, 4)
         assert torch.isfinite(diff).all() and diff[1].abs().max() == 0.0 and diff[0].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the two ways of computing the levels, and the paths without a mask
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("mode", ["global", "hybrid", "local"])
+def test_stacked_levels_equal_level_by_level(mode, k, monkeypatch):
+    # STACKED (the GPU default) normalises both maps at every level in one pass; the CPU
+    # default goes level by level: the same maps, with and without a mask, and the same gradients
+    from dad.train import normalization
+    from dad.train.losses import shared_context_and_gradient_losses
+
+    g = torch.Generator().manual_seed(7 + k)
+    ds, dt = torch.randn(3, 9, 11, generator=g), torch.rand(3, 9, 11, generator=g) ** 3
+    dt[1] = dt[1].round(decimals=1)  # ties
+    mask = torch.rand(3, 9, 11, generator=g) > 0.3
+    results = {}
+    for stacked in (False, True):
+        monkeypatch.setattr(normalization, "STACKED", stacked)
+        for name, m in (("no mask", None), ("mask", mask)):
+            leaf = ds.clone().requires_grad_()
+            per_pixel, global_maps = normalization.normalized_abs_diff_and_global(leaf, dt, m, mode, k)
+            sc, grad = shared_context_and_gradient_losses(leaf, dt, mode=mode, num_segments=k, mask=m)
+            (sc + 2 * grad).backward()
+            results[stacked, name] = (per_pixel.detach(), global_maps, leaf.grad)
+    for name in ("no mask", "mask"):
+        (a, ga, grad_a), (b, gb, grad_b) = results[False, name], results[True, name]
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6) and torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-5)
+        assert (ga is None) == (gb is None) == (mode == "local" and k > 1)
+        if ga is not None:  # the global maps are the same computation, bit for bit
+            assert torch.equal(ga[0], gb[0]) and torch.equal(ga[1], gb[1])
+    # a mask of all True takes the masked path: the same values as no mask
+    full = torch.ones_like(mask)
+    assert torch.allclose(normalized_abs_diff(ds, dt, full, mode, k), normalized_abs_diff(ds, dt, None, mode, k), atol=1e-6)
+
+
+def test_gradient_loss_without_a_mask_equals_an_all_true_mask():
+    from dad.train.losses import gradient_loss
+
+    g = torch.Generator().manual_seed(3)
+    ds, dt = torch.randn(2, 13, 10, generator=g), torch.rand(2, 13, 10, generator=g)
+    full = torch.ones(2, 13, 10, dtype=torch.bool)
+    assert torch.allclose(gradient_loss(ds, dt, None, reduction="none"), gradient_loss(ds, dt, full, reduction="none"), atol=1e-6)
