@@ -90,23 +90,28 @@ def main() -> None:
     print()
     cfg = TrainConfig(cache=[str(cache)], output_dir=str(work / "run_breakdown"), student_arch=args.student_arch,
                       batch_size=args.batch_size, num_workers=0, device=args.device, seed=0).validate()
-    phases = step_breakdown(cfg, steps=max(3, args.steps // 4))
+    phases, calls = step_breakdown(cfg, steps=max(3, args.steps // 4))
     total = sum(phases.values())
-    print("a cached step, each phase timed alone (device synchronised around it):")
+    print("a cached step, each phase timed alone (device synchronised around it), eager:")
     print("  " + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in phases.items())
           + f"; sum {1000 * total:.1f} ms = {1 / total:.2f} steps/s")
+    print("  operator calls (~kernel launches): " + ", ".join(f"{k} {n}" for k, n in calls.items())
+          + f"; sum {sum(calls.values())}")
 
 
-def step_breakdown(cfg, steps: int) -> dict[str, float]:
+def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds per phase of a cached training step (batch to device, student forward, losses,
     backward, clipping + optimizer), each timed alone with the device synchronised, the mean
-    over ``steps`` steps after one warm-up step. Where to look when the step is slow."""
+    over ``steps`` steps after one warm-up step; and each phase's operator calls (about one
+    kernel launch each on a GPU), counted in the warm-up step. Where to look when a step is
+    slow: a phase whose time is its launches' (~10 us each on a GPU) is bound by the host."""
     import time
 
     from dad.infer import autocast_for, normalize, resolve_device
     from dad.models import build_depth_model
     from dad.train.loop import DistillModule, build_optimizer, compute_losses, move_batch
     from dad.train.sources import CachedBatchSource
+    from dad.utils.profiling import OperatorCalls
 
     device = resolve_device(cfg.device)
     source = CachedBatchSource(cfg, 0, 1, 0)
@@ -115,14 +120,19 @@ def step_breakdown(cfg, steps: int) -> dict[str, float]:
     optimizer = build_optimizer(module, cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases = dict.fromkeys(("to device", "forward", "losses", "backward", "optimizer"), 0.0)
+    calls = dict.fromkeys(phases, 0)
 
     def timed(name, fn):
+        if not counting:  # the warm-up step: count the operator calls instead
+            with OperatorCalls() as counter:
+                out = fn()
+            calls[name] = counter.calls
+            return out
         sync()
         start = time.perf_counter()
         out = fn()
         sync()
-        if counting:
-            phases[name] += time.perf_counter() - start
+        phases[name] += time.perf_counter() - start
         return out
 
     for i, batch in enumerate(source):
@@ -143,7 +153,7 @@ def step_breakdown(cfg, steps: int) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
 
         timed("optimizer", update)
-    return {k: v / steps for k, v in phases.items()}
+    return {k: v / steps for k, v in phases.items()}, calls
 
 
 if __name__ == "__main__":
