@@ -197,7 +197,8 @@ def normalize_hybrid(d: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | Non
     (num_levels, *d.shape), one map per level (pixel p at level S: N_u(d)_p, u its context)."""
     flat, _ = _flatten(d, mask)
     finest = segment_ids(dt, mask, num_segments)
-    maps = [normalize_groups(flat, finest >> shift, s, eps, all_grouped=mask is None) for s, shift in _level_shifts(hierarchy_levels(num_segments), num_segments)]
+    maps = [normalize_groups(flat, finest >> shift, s, eps, all_grouped=mask is None)
+            for s, shift in _level_shifts(hierarchy_levels(num_segments), num_segments)]
     return torch.stack(maps).reshape(-1, *d.shape)
 
 
