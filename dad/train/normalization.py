@@ -43,8 +43,12 @@ MODES = ("global", "hybrid", "local", "none")
 # step is short of kernel launches, not of memory); False, map by map and level by level,
 # whose smaller temporaries suit CPUs (their allocator maps every buffer over 32 MB afresh:
 # stacked is 2x slower at 560 px there); None, stacked on every device but the CPU. The
-# values are the same; the sum over levels may differ in the last bit.
+# values are the same.
 STACKED: bool | None = None
+# A stacked pass takes as many levels as keep its rows (2 maps x levels x samples x pixels)
+# within this many elements: its int64 temporaries stay near 256 MB each, whatever the batch,
+# patch grid and view size (the paper's 4 x (2x2 patches) x 560 px at 3 levels: one pass).
+STACKED_MAX_ELEMENTS = 1 << 25
 
 
 def hierarchy_levels(num_segments: int) -> list[int]:
@@ -250,7 +254,14 @@ def normalized_abs_diff_and_global(ds: torch.Tensor, dt: torch.Tensor, mask: tor
     order_t = group_order(t, finest)
     level_shifts = _level_shifts(levels, k)
     if STACKED if STACKED is not None else s.device.type != "cpu":
-        ns, nt = _normalize_stacked(s, t, m, finest, order_t, [shift for _, shift in level_shifts], k, eps)
+        # as many levels a pass as keep its stacked rows within STACKED_MAX_ELEMENTS
+        shifts = [shift for _, shift in level_shifts]
+        per_pass = max(1, STACKED_MAX_ELEMENTS // (2 * s.numel()))
+        ns, nt = [], []
+        for i in range(0, len(shifts), per_pass):
+            a, b = _normalize_stacked(s, t, m, finest, order_t, shifts[i : i + per_pass], k, eps)
+            ns += a.unbind(0)
+            nt += b.unbind(0)
     else:
         dense = m is None
         ns = [normalize_groups(s, finest >> shift, n, eps, all_grouped=dense) for n, shift in level_shifts]

@@ -260,8 +260,9 @@ def test_a_sample_without_valid_pixels_gives_zeros():
 @pytest.mark.parametrize("k", [1, 4, 8])
 @pytest.mark.parametrize("mode", ["global", "hybrid", "local"])
 def test_stacked_levels_equal_level_by_level(mode, k, monkeypatch):
-    # STACKED (the GPU default) normalises both maps at every level in one pass; the CPU
-    # default goes level by level: the same maps, with and without a mask, and the same gradients
+    # STACKED (the GPU default) normalises both maps at several levels in one pass (as many as
+    # STACKED_MAX_ELEMENTS allows); the CPU default goes level by level: the same maps, with
+    # and without a mask, and the same gradients
     from dad.train import normalization
     from dad.train.losses import shared_context_and_gradient_losses
 
@@ -270,20 +271,25 @@ def test_stacked_levels_equal_level_by_level(mode, k, monkeypatch):
     dt[1] = dt[1].round(decimals=1)  # ties
     mask = torch.rand(3, 9, 11, generator=g) > 0.3
     results = {}
-    for stacked in (False, True):
+    pair = 2 * ds.numel()  # the elements of one level of both maps
+    for path, stacked, budget in (("per level", False, 0), ("one pass", True, 1 << 25),
+                                  ("two levels a pass", True, 2 * pair), ("one level a pass", True, pair)):
         monkeypatch.setattr(normalization, "STACKED", stacked)
+        monkeypatch.setattr(normalization, "STACKED_MAX_ELEMENTS", budget)
         for name, m in (("no mask", None), ("mask", mask)):
             leaf = ds.clone().requires_grad_()
             per_pixel, global_maps = normalization.normalized_abs_diff_and_global(leaf, dt, m, mode, k)
             sc, grad = shared_context_and_gradient_losses(leaf, dt, mode=mode, num_segments=k, mask=m)
             (sc + 2 * grad).backward()
-            results[stacked, name] = (per_pixel.detach(), global_maps, leaf.grad)
-    for name in ("no mask", "mask"):
-        (a, ga, grad_a), (b, gb, grad_b) = results[False, name], results[True, name]
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6) and torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-5)
-        assert (ga is None) == (gb is None) == (mode == "local" and k > 1)
-        if ga is not None:  # the global maps are the same computation, bit for bit
-            assert torch.equal(ga[0], gb[0]) and torch.equal(ga[1], gb[1])
+            results[path, name] = (per_pixel.detach(), global_maps, leaf.grad)
+    for path in ("one pass", "two levels a pass", "one level a pass"):
+        for name in ("no mask", "mask"):
+            (a, ga, grad_a), (b, gb, grad_b) = results["per level", name], results[path, name]
+            assert torch.equal(a, b), (path, name)  # the same computation per row, the same level sum
+            assert torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-5), (path, name)
+            assert (ga is None) == (gb is None) == (mode == "local" and k > 1)
+            if ga is not None:
+                assert torch.equal(ga[0], gb[0]) and torch.equal(ga[1], gb[1])
     # a mask of all True takes the masked path: the same values as no mask
     full = torch.ones_like(mask)
     assert torch.allclose(normalized_abs_diff(ds, dt, full, mode, k), normalized_abs_diff(ds, dt, None, mode, k), atol=1e-6)
