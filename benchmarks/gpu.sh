@@ -29,6 +29,6 @@ for part in train train-compile; do
     if [[ $which == *" $part "* ]]; then
         flag=$([[ $part == train-compile ]] && echo --compile)
         python benchmarks/train.py --teacher-arch vitl --student-arch vitb --size 560 --images 64 --batch-size 4 \
-            --steps 30 --num-workers 8 $flag 2>&1 | tee "$out/$part.log" | grep -v ' step '
+            --steps 30 --num-workers 8 $flag 2>&1 | tee "$out/$part.log" | grep -Ev '^[0-9-]+ [0-9:]+ step '
     fi
 done

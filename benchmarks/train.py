@@ -7,7 +7,10 @@
 
 Random-weight teachers are fine for speed. The script renders synthetic images, caches the
 teacher's outputs with `dad cache-teachers`, then runs the same `dad train` loop twice (cache,
-online) and prints steps/s and the fraction of step time spent waiting for data.
+online) and prints steps/s and the fraction of step time spent waiting for data; then the
+teacher's bare forward over a step's views, which bounds what caching can buy against any online
+implementation (--online's own overheads, copies and CPU-side batching, left out); then where a
+cached step's time goes, phase by phase.
 """
 
 from __future__ import annotations
@@ -85,6 +88,12 @@ def main() -> None:
     for mode, (sps, wait) in results.items():
         print(f"{mode:<8} {sps:>9.3f} {100 * wait:>9.1f}%")
     print(f"cached / online = {results['cache'][0] / results['online'][0]:.2f}x")
+    # what no online implementation can save: the teacher's forward over the step's views
+    forward = teacher_forward_seconds(teacher, args.batch_size, args.size, local, args.device)
+    cached_step = 1 / results["cache"][0]
+    print(f"teacher forward alone over a step's views (on the device, no copies): {1000 * forward:.1f} ms")
+    print(f"(cached step {1000 * cached_step:.1f} ms + that forward) / cached step = "
+          f"{(cached_step + forward) / cached_step:.2f}x: the speed-up against an online implementation costing nothing more")
     if args.compile:
         print("(both with --compile; its compilation falls in the first third of the steps, left out)")
     print()
@@ -97,6 +106,35 @@ def main() -> None:
           + f"; sum {1000 * total:.1f} ms = {1 / total:.2f} steps/s")
     print("  operator calls (~kernel launches): " + ", ".join(f"{k} {n}" for k, n in calls.items())
           + f"; sum {sum(calls.values())}")
+
+
+def teacher_forward_seconds(checkpoint: Path, batch_size: int, size: int, local: int, device_name: str,
+                            repeat: int = 5) -> float:
+    """Seconds of the teacher's forward (bf16 autocast on GPUs, features returned) over one
+    step's views, region views and 2x2 patches, already on the device: the least an online
+    step must add to the cached step. Best of ``repeat`` after a warm-up."""
+    import time
+
+    from dad.infer import autocast_for, resolve_device
+    from dad.models import load_depth_model
+
+    device = resolve_device(device_name)
+    model = load_depth_model(checkpoint, device=device).eval()
+    # stage 1 and --online join same-size views into one forward
+    shapes = [(5 * batch_size, size)] if local == size else [(batch_size, size), (4 * batch_size, local)]
+    inputs = [torch.randn(n, 3, side, side, device=device) for n, side in shapes]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    with torch.no_grad(), autocast_for(device):
+        for i in range(repeat + 1):
+            sync()
+            start = time.perf_counter()
+            for x in inputs:
+                model(x, return_features=True)
+            sync()
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return best
 
 
 def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
