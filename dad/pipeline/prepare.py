@@ -129,9 +129,17 @@ def _pooled(fn: Callable[[dict[str, Any], Any], Any], items: Iterable[Any], sour
     # spawn: the caller has threads (and maybe CUDA), which fork does not carry safely
     pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker, initargs=(source, settings))
+    done = 0
     try:
-        yield from ordered_map(functools.partial(_in_worker, fn), items, pool, lookahead)
+        for result in ordered_map(functools.partial(_in_worker, fn), items, pool, lookahead):
+            done += 1
+            yield result
     except BrokenProcessPool:
+        if done == 0:  # the usual cause: spawned workers re-import an unguarded calling script
+            raise DataError("an image preparation worker died before its first image: when dad is called from a "
+                            "Python script, put the script's top-level code under `if __name__ == \"__main__\":` "
+                            "(workers are spawned and import the script); otherwise re-run with --num-workers 0 "
+                            "to see which input kills it") from None
         raise DataError("an image preparation worker died (killed for memory, or a decoder crashed on an input); "
                         "re-run to resume, and with --num-workers 0 to see which image") from None
     finally:

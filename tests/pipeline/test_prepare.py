@@ -79,3 +79,22 @@ def test_default_worker_counts(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs: the node's CPUs shared 8 ways
     monkeypatch.setattr("dad.utils.parallel.usable_cpus", lambda: 128)
     assert stage1_worker_counts(None, None) == (15, 1)
+
+
+def test_an_unguarded_calling_script_gets_the_fix_not_a_crash_report(folder, tmp_path):
+    # spawned workers import the calling script; unguarded, it starts workers again while they
+    # bootstrap and each dies: the error must say so, not blame memory or a decoder
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from dad.pipeline.prepare import prepared_images\n"
+        "from dad.pipeline.sources import open_source\n"
+        f"source = open_source({str(folder)!r})\n"
+        f"settings = dict({', '.join(f'{k}={v!r}' for k, v in SETTINGS.items())}, rgb_codec='png1')\n"
+        "list(prepared_images(source, [(0, 0), (0, 1)], settings, num_workers=1, lookahead=2))\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "DataError" in run.stderr and 'if __name__ == "__main__":' in run.stderr
