@@ -146,7 +146,7 @@ def gradient_loss(ds: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor | None 
 
 def _gradient_matching(r: torch.Tensor, m: torch.Tensor | None, num_scales: int, reduction: str) -> torch.Tensor:
     """gradient_loss from the residual R = N(ds) - N(dt) (B, H, W) and the valid mask (None:
-    all valid, which training's dense cached targets are, and which needs half the kernels)."""
+    all valid, as training's dense cached targets are: no masking kernels)."""
     total = r.new_zeros(r.shape[0])
     for k in range(num_scales):  # a few scales; the batch is vectorised
         step = 2**k
