@@ -341,7 +341,9 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
         load_rng_state(state["rng"])
     ddp_module: nn.Module = module
     if info.world_size > 1:
-        ddp_module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients as views into the all-reduce buckets: no copy in and out of them each step
+        ddp_module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                                         gradient_as_bucket_view=True)
 
     validator = None
     if cfg.val and info.is_main:

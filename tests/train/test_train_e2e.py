@@ -188,13 +188,17 @@ def test_two_process_gloo_ddp(tmp_path, cache):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "dad", "train",
            "--cache", str(cache), "--student-arch", str(TINY_JSON), "--output-dir", str(out), "--batch-size", "2",
-           "--num-iterations", "4", "--checkpoint-interval", "2", "--log-interval", "1", "--num-workers", "0", "--device", "cpu"]
+           "--num-iterations", "4", "--checkpoint-interval", "2", "--log-interval", "1", "--num-workers", "0", "--device", "cpu",
+           "--grad-accum", "2"]  # DDP's no_sync on the first micro-batch, gradients in the all-reduce buckets
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in out.glob("student_*.safetensors")) == [
         "student_checkpoint_2.safetensors", "student_checkpoint_4.safetensors", "student_final.safetensors"]
     assert "world size 2" in (out / "train.log").read_text()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # rank 0 alone writes
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and not any(r["skipped"] for r in records)  # rank 0 alone writes
+    first, final = (load_depth_model(out / name) for name in ("student_checkpoint_2.safetensors", "student_final.safetensors"))
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), final.state_dict().values()))
 
 
 def _aligned_abs_rel(student, teacher, size: int) -> float:
