@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,11 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
         window["wait"] += time.perf_counter() - t_wait
         teacher = micro[0]["teacher"]
         terms, applied = train_step(ddp_module, optimizer, micro, cfg, device)
-        scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped step still uses its slot of the schedule (the lr follows the step count,
+            # so a resumed run agrees); torch warns about that when no update has happened yet
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
         step += 1
         window["samples"] += cfg.batch_size * cfg.grad_accum * info.world_size
         if not applied:
