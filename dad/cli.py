@@ -133,6 +133,8 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--lambda-grad", "--lambda_grad", "lambda_grad", type=float, help="Gradient matching weight [2.0].")
 @click.option("--teacher-probs", "--teacher_probs", "teacher_probs", help="NAME=P,... per-step teacher probabilities [uniform].")
 @click.option("--checkpoint-interval", "--checkpoint_interval", "checkpoint_interval", type=int, help="Steps between checkpoints [1000].")
+@click.option("--keep-checkpoints", "--keep_checkpoints", "keep_checkpoints", type=int,
+              help="Keep only the newest N step checkpoints (a vitl one is 1.3 GB); 0 keeps all [0].")
 @click.option("--log-interval", "--log_interval", "log_interval", type=int, help="Steps between log lines; the logged losses are their means over those steps [50].")
 @click.option("--val", multiple=True, help="Validate on DATASET[:N] every --val-interval steps (repeatable).")
 @click.option("--val-interval", "--val_interval", "val_interval", type=int, help="Steps between validations [1000].")

@@ -50,6 +50,7 @@ class TrainConfig:
     color_jitter: float = 0.2
     # logging / checkpoints
     checkpoint_interval: int = 1000
+    keep_checkpoints: int = 0  # the newest N student_checkpoint_{step} files stay; 0: all
     log_interval: int = 50
     val: list[str] = field(default_factory=list)
     val_interval: int = 1000
@@ -103,7 +104,8 @@ class TrainConfig:
             bad("normalization", f"must be one of {', '.join(NORMALIZATIONS)}")
         if self.num_segments < 1 or self.num_segments & (self.num_segments - 1):
             bad("num-segments", "must be a power of two (1, 2, 4, 8, ...)")
-        for name in ("lambda_lg", "lambda_feat", "lambda_grad", "encoder_lr_mult", "weight_decay", "warmup_steps", "num_workers"):
+        for name in ("lambda_lg", "lambda_feat", "lambda_grad", "encoder_lr_mult", "weight_decay", "warmup_steps", "num_workers",
+                     "keep_checkpoints"):
             if getattr(self, name) < 0:
                 bad(name.replace("_", "-"), "must be >= 0")
         if self.precision not in ("bf16", "fp32"):

@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -262,6 +263,18 @@ def save_training_state(out_dir: Path, step: int, module: DistillModule, optimiz
     os.replace(tmp, out_dir / STATE_FILE)
 
 
+def prune_checkpoints(out_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest student_checkpoint_{step}.safetensors of ``out_dir``
+    (earlier runs' included). Called after the training state naming the newest is written, so
+    a resume always finds its checkpoint. Returns the deleted paths."""
+    steps = sorted((int(m.group(1)), p) for p in out_dir.glob("student_checkpoint_*.safetensors")
+                   if (m := re.fullmatch(r"student_checkpoint_(\d+)\.safetensors", p.name)))
+    old = [p for _, p in steps[:-keep]] if keep > 0 else []
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
 def _feature_dim(cache) -> int | None:
     cfg = cache.config
     return int(cfg["feature_dim"]) if cfg.get("features") else None
@@ -418,6 +431,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
                 extra = {"step": step, "train_config": cfg.to_dict()}
                 save_depth_model(module.student, out_dir / f"student_checkpoint_{step}.safetensors", extra=extra)
                 save_training_state(out_dir, step, module, optimizer, scheduler, {"config": cfg.to_dict()})
+                if cfg.keep_checkpoints:
+                    prune_checkpoints(out_dir, cfg.keep_checkpoints)
             if dist.is_initialized():
                 dist.barrier()
     final = out_dir / "student_final.safetensors"

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from dad.data.synthetic import render_scene
+from dad.errors import ConfigError
 from dad.models import load_depth_model
 from dad.train.config import TrainConfig
 from tests.conftest import TINY_JSON
@@ -119,6 +120,25 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache):
     a = load_depth_model(straight / "student_final.safetensors").state_dict()
     b = load_depth_model(resumed / "student_final.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path, cache):
+    from dad.train.loop import train
+
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "student_checkpoint_notes.safetensors").write_text("not a step checkpoint: left alone")
+    train(_cfg(cache, out, num_iterations=6, checkpoint_interval=1, keep_checkpoints=2))
+    names = sorted(p.name for p in out.glob("student_*.safetensors"))
+    assert names == ["student_checkpoint_5.safetensors", "student_checkpoint_6.safetensors",
+                     "student_checkpoint_notes.safetensors", "student_final.safetensors"]
+    # the training state names the newest checkpoint, which pruning never deletes
+    train(_cfg(cache, out, num_iterations=8, checkpoint_interval=1, keep_checkpoints=2, resume=True))
+    assert "start step 6" in (out / "train.log").read_text()
+    assert sorted(p.name for p in out.glob("student_checkpoint_[0-9]*.safetensors")) == [
+        "student_checkpoint_7.safetensors", "student_checkpoint_8.safetensors"]
+    with pytest.raises(ConfigError, match="--keep-checkpoints: must be >= 0"):
+        _cfg(cache, tmp_path / "x", keep_checkpoints=-1)
 
 
 def test_one_teacher_per_cache_trains_on_each_teachers_own_samples(tmp_path, cache, scenes, tiny_checkpoint):
