@@ -5,7 +5,8 @@
     # CPU smoke run
     python benchmarks/cache.py --teacher-arch vits --size 112 --images 24 --batch-size 4
     # can this machine's CPUs feed a GPU forwarding 28.6 images/s (an H100 with ViT-L)? no GPU needed
-    python benchmarks/cache.py --teacher-arch vits --images 256 --simulate-forward-rate 28.6
+    python benchmarks/cache.py --teacher-checkpoint dad/assets/teacher_synthetic.safetensors \
+        --images 256 --simulate-forward-rate 28.6
 
 Side by side in one run, on the same synthetic images: images/s of the bare teacher forwards
 over every view (region view + patches) of every image; images/s of the full pipeline (decode,
@@ -30,7 +31,12 @@ from PIL import Image
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher-arch", default="vitl")
+    ap.add_argument("--teacher-arch", default="vitl", help="random weights of this architecture (speed does not "
+                    "depend on them; the depth's compressibility does)")
+    ap.add_argument("--teacher-checkpoint", default=None, metavar="CKPT",
+                    help="a trained teacher instead of --teacher-arch, for realistic depth to compress (e.g. "
+                         "dad/assets/teacher_synthetic.safetensors, whose depth of these synthetic scenes is "
+                         "smooth like a real teacher's)")
     ap.add_argument("--size", type=int, default=560, help="region view and patch size")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -61,7 +67,8 @@ def main() -> None:
         rgb, _ = render_scene(i, side, int(side * 4 / 3))
         Image.fromarray(rgb).save(images / f"img_{i:04d}.jpg", quality=92)
     torch.manual_seed(0)
-    ckpt = save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors")
+    ckpt = (Path(args.teacher_checkpoint) if args.teacher_checkpoint
+            else save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors"))
     device = resolve_device(args.device)
 
     if args.simulate_forward_rate:
@@ -104,7 +111,8 @@ def main() -> None:
     if args.simulate_forward_rate:
         name = f"none: forwards simulated at {args.simulate_forward_rate:g} images/s"
     encoders = "the writer thread" if workers["encode"] == 1 else f"{workers['encode']} encoder processes"
-    print(f"teacher {args.teacher_arch}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
+    teacher_name = args.teacher_checkpoint or f"{args.teacher_arch} (random weights)"
+    print(f"teacher {teacher_name}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
     print(f"{'what':<26} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
           f" {'CPU ms/img':>11}   main thread: teachers/input/writer")
