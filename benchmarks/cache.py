@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=None, help="image processes (default: the pipeline's)")
     ap.add_argument("--variants", default="zarr/png2,webdataset/png2,zarr/png,zarr/jpeg95",
                     help="format/rgb-codec pairs to run the pipeline with")
-    ap.add_argument("--encode-workers", type=int, default=None, help="encoder processes (default: the pipeline's)")
+    ap.add_argument("--encode-workers", type=int, default=None, help="encoder threads (default: the pipeline's)")
     ap.add_argument("--simulate-forward-rate", type=float, default=None, metavar="R",
                     help="no teacher compute: each forward waits as a GPU doing R images/s would (GIL released) and "
                          "returns the outputs of one real forward; measures whether this machine's CPUs keep up with R")
@@ -90,7 +90,7 @@ def main() -> None:
         torch.cuda.synchronize()
     forward_rate = done / (time.perf_counter() - start)
 
-    # 2. the whole pipeline, per format and RGB codec. Start-up (teacher load, encoder processes,
+    # 2. the whole pipeline, per format and RGB codec. Start-up (teacher load, worker processes,
     # the first CUDA kernels) is paid once per job; 'steady' is the pipeline's own rate after its
     # first batch, what a long job sees.
     rows = []
@@ -110,7 +110,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if args.simulate_forward_rate:
         name = f"none: forwards simulated at {args.simulate_forward_rate:g} images/s"
-    encoders = "the writer thread" if workers["encode"] == 1 else f"{workers['encode']} encoder processes"
+    encoders = "the writer thread" if workers["encode"] == 1 else f"{workers['encode']} encoder threads"
     teacher_name = args.teacher_checkpoint or f"{args.teacher_arch} (random weights)"
     print(f"teacher {teacher_name}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")

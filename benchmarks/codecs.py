@@ -4,12 +4,13 @@
     python benchmarks/codecs.py --teacher syn=/path/to/teacher.safetensors --size 560
     python benchmarks/codecs.py --tables rgb --rgb-photos DIR   # RGB codecs on stage 1's views of your photos
 
-Four tables, all candidates measured in one run on the same data:
+Five tables, all candidates measured in one run on the same data:
   depth     float32 disparity maps -> stored bytes per pixel, max error / map range, MB/s of
             float32 in (encode, quantisation included) and out (decode)
   rgb       uint8 views -> bytes per pixel (3 channels), PSNR for lossy codecs, MB/s of uint8
   features  float16 reduced teacher tokens -> bytes per value, MB/s of float16
   store     whole samples written to and read back (random order) from both formats
+  threads   the cache writer's encoding of whole samples in 1, 2, 4, ... threads (samples/s)
 
 Depth data: (1) `fields`: synthetic ground planes 1/(a*y+b) with occluding slanted rectangles
 and slight noise (sigma 2e-4 of the range); (2) `scenes`: exact disparity 1/z of the procedural
@@ -389,13 +390,8 @@ def feature_table(datasets: dict[str, list[np.ndarray]], repeat: int) -> list[st
     return lines
 
 
-def store_table(size: int, num_samples: int, feature_dim: int) -> list[str]:
-    """Whole samples through both formats: write (one process) and random-access read speed."""
-    import random
-    import tempfile
-    import warnings
-
-    from dad.cache import create_cache_writer, open_cache
+def _whole_samples(size: int, num_samples: int, feature_dim: int) -> tuple[dict, list]:
+    """A one-teacher cache header and ``num_samples`` CacheSamples of synthetic scenes."""
     from dad.cache.schema import CacheSample
 
     rgbs, disps = synthetic_scenes(num_samples + 4, size)
@@ -411,6 +407,55 @@ def store_table(size: int, num_samples: int, feature_dim: int) -> list[str]:
         depth_region={"t": disps[i]}, depth_patches={"t": np.stack(disps[i + 1:i + 5])},
         features={"t": rng.standard_normal((size // 14, size // 14, feature_dim)).astype(np.float16)},
     ) for i in range(num_samples)]
+    return header, samples
+
+
+def threads_table(size: int, num_samples: int, feature_dim: int, repeat: int) -> list[str]:
+    """Samples/s of the cache writer's encoding (depth region + patches + features; the RGB
+    arrives encoded, as stage 1 hands it over) in 1, 2, 4, ... threads: the codecs release the
+    GIL, so threads scale while the thread driving the teachers keeps the GIL."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numcodecs.blosc
+
+    from dad.cache.sample_codec import Geometry, RGBEncodedSample, encode_sample
+
+    header, samples = _whole_samples(size, num_samples, feature_dim)
+    geo = Geometry.from_header(header)
+    items = [RGBEncodedSample(s, dc.encode_rgb(s.rgb_region, "png"), [dc.encode_rgb(x, "png") for x in s.rgb_patches])
+             for s in samples]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    counts = [n for n in (1, 2, 4, 8, 16) if n <= cpus] or [1]
+    lines = [f"cache writer encoding in threads: S = L = {size}, 4 patches, 1 teacher, D = {feature_dim}, RGB encoded "
+             f"beforehand; {cpus} CPUs, best of {repeat}", f"{'threads':>8} {'samples/s':>10} {'speed-up':>9}"]
+    previous, numcodecs.blosc.use_threads = numcodecs.blosc.use_threads, None  # numcodecs' default, as in dad
+    try:
+        rates = []
+        for n in counts:
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(lambda it: encode_sample(it, geo), items[:n]))  # warm-up
+                best = float("inf")
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    list(pool.map(lambda it: encode_sample(it, geo), items))
+                    best = min(best, time.perf_counter() - start)
+            rates.append(len(items) / best)
+            lines.append(f"{n:>8} {rates[-1]:>10.1f} {rates[-1] / rates[0]:>8.2f}x")
+    finally:
+        numcodecs.blosc.use_threads = previous
+    return lines
+
+
+def store_table(size: int, num_samples: int, feature_dim: int) -> list[str]:
+    """Whole samples through both formats: write (one process) and random-access read speed."""
+    import random
+    import tempfile
+    import warnings
+
+    from dad.cache import create_cache_writer, open_cache
+
+    header, samples = _whole_samples(size, num_samples, feature_dim)
     head = f"{'format':<12} {'MB/sample':>10} {'write s/sample':>15} {'read samples/s':>15} {'no-features read/s':>18}"
     lines = [f"whole samples: S = L = {size}, 4 patches, 1 teacher, D = {feature_dim}, png; one process, best of 2 passes",
              head, "-" * len(head)]
@@ -456,7 +501,7 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=6, help="maps per synthetic data set")
     ap.add_argument("--repeat", type=int, default=3, help="timing: best of this many passes")
     ap.add_argument("--store-samples", type=int, default=8, help="samples for the whole-sample table (0: skip it)")
-    ap.add_argument("--tables", default="depth,rgb,features,store", help="which tables to make")
+    ap.add_argument("--tables", default="depth,rgb,features,store,threads", help="which tables to make")
     ap.add_argument("--rgb-photos", default=None, metavar="DIR",
                     help="a folder of photographs: the rgb table gets a column of the views stage 1 cuts from them")
     args = ap.parse_args()
@@ -490,7 +535,9 @@ def main() -> None:
     if "features" in tables:
         print("\n".join(feature_table(feature_sets, args.repeat)), "\n", flush=True)
     if "store" in tables and args.store_samples:
-        print("\n".join(store_table(args.size, args.store_samples, args.feature_dim)), flush=True)
+        print("\n".join(store_table(args.size, args.store_samples, args.feature_dim)), "\n", flush=True)
+    if "threads" in tables:
+        print("\n".join(threads_table(args.size, 16, args.feature_dim, args.repeat)), flush=True)
 
 
 if __name__ == "__main__":

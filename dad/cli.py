@@ -270,8 +270,8 @@ def _patches(ctx, param, value):
               help="Processes that read, decode, crop and RGB-encode images ahead of the teachers; 0: the main "
                    "process (default: most of the job's CPUs).")
 @click.option("--encode-workers", "--encode_workers", "encode_workers", default=None, type=int,
-              help="Processes that compress the teachers' depth and features behind them (default 1: the "
-                   "writer thread, which costs the main process less than shipping the maps elsewhere).")
+              help="Threads that compress the teachers' depth and features behind them (their codecs release "
+                   "the GIL); 1: the writer thread itself [2].")
 @handle_errors(on_interrupt="finished shards are kept, nothing half-written is visible; run the same command "
                             "again to resume")
 def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,

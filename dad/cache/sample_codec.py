@@ -103,7 +103,7 @@ def _check(sample: CacheSample, what: str, arr: Any, shape: tuple[int, ...], kin
 class RGBEncodedSample:
     """A sample whose RGB is already encoded with the cache's codec (stage 1 encodes it in its
     preparation workers, before the teachers run); ``sample.rgb_region``/``rgb_patches`` are
-    not used and may be None, so the raw pixels need not travel to the encoder processes."""
+    not used and may be None: the writer needs only the bytes."""
 
     sample: CacheSample
     rgb_region: bytes

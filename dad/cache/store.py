@@ -16,10 +16,9 @@ import hashlib
 import os
 import shutil
 from collections import OrderedDict
-import multiprocessing
 import threading
 import weakref
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -49,7 +48,7 @@ from dad.cache.schema import FORMAT_VERSION, FORMATS, CacheSample, SkippedInput
 from dad.cache.tar_shards import TarShardReader, kind_of_field, write_tar_shard
 from dad.cache.zarr_shards import ZarrShardReader, kind_of, write_zarr_shard
 from dad.errors import CacheError
-from dad.utils.parallel import init_worker_process, ordered_map, usable_cpus
+from dad.utils.parallel import ordered_map, usable_cpus
 
 KINDS = ("rgb", "depth", "features", "meta")
 
@@ -57,7 +56,7 @@ KINDS = ("rgb", "depth", "features", "meta")
 def _default_encode_workers() -> int:
     # a writer used on its own encodes the RGB too: PNG level 6 costs ~0.1 s of a core per
     # 560 px view, so it gets the job's cores (stage 1 encodes RGB in its preparation workers
-    # and gives the writer fewer); the cap only bounds process start-up
+    # and gives the writer fewer)
     return max(1, min(32, usable_cpus() - 1))
 
 
@@ -90,9 +89,10 @@ class CacheWriter:
             self.regions_per_image = int(self.header["regions_per_image"])
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"cache header: missing or bad field {e!r}; build it with dad.pipeline.cache_teachers.build_header") from None
-        # a pool of processes encodes samples in parallel; 1 encodes in the calling thread
+        # a pool of threads encodes samples in parallel (the codecs release the GIL: Pillow's
+        # PNG, blosc, zstd, numpy; threads need no pickling); 1 encodes in the calling thread
         self.encode_workers = _default_encode_workers() if encode_workers is None else max(1, int(encode_workers))
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._base = {"format_name": FORMAT_NAME, "format_version": FORMAT_VERSION, "format": fmt,
                       "header": self.header, "encoding": normalise(codecs.encoding_description(self.geometry.rgb_codec))}
         if self.root.exists() and not self.root.is_dir():
@@ -110,25 +110,16 @@ class CacheWriter:
         if diff:
             raise CacheError(f"{self.root}: exists with a different configuration ({diff}); use a new --output or delete it")
 
-    def _encoder_pool(self) -> ProcessPoolExecutor | None:
+    def _encoder_pool(self) -> ThreadPoolExecutor | None:
         if self.encode_workers <= 1:
             return None
         if self._pool is None:
-            # spawn: the caller has threads (and maybe CUDA), which fork does not carry safely
-            self._pool = ProcessPoolExecutor(self.encode_workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=init_worker_process)
+            self._pool = ThreadPoolExecutor(self.encode_workers, thread_name_prefix="dad-encode")
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
-    def start_encoders(self) -> None:
-        """Start the encoder processes now (they start at the first sample otherwise), so that
-        their start-up overlaps the caller's (loading teachers, the first decodes)."""
-        pool = self._encoder_pool()
-        if pool is not None:
-            pool.submit(int)  # a process pool starts its workers at the first task
-
     def close(self) -> None:
-        """Stop the encoder processes (also done at exit); the writer can still be used after."""
+        """Stop the encoder threads (also done at exit); the writer can still be used after."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -252,7 +243,8 @@ def build_final_manifest(root: Path, base: dict[str, Any], records: list[dict[st
 def create_cache_writer(path: str | os.PathLike, fmt: str, header: dict[str, Any], encode_workers: int | None = None) -> CacheWriter:
     """Create the cache at ``path`` (or re-open it when its manifest has the same configuration;
     any difference raises CacheError naming the first differing field). ``encode_workers``:
-    processes encoding samples (default: the CPUs this job may use - 1, at most 32; 1 = none)."""
+    threads encoding samples (default: the CPUs this job may use - 1, at most 32; 1: the
+    calling thread)."""
     return CacheWriter(path, fmt, header, encode_workers=encode_workers)
 
 

@@ -12,9 +12,9 @@ re-run of a finished cache does no teacher work. After its shards each job calls
 Three stages overlap: a pool of worker processes reads, decodes, crops and RGB-encodes images
 (``dad.pipeline.prepare``; for a lossy codec the teacher sees the decoded bytes, what the student
 will read) ahead of the teacher forwards in the main thread; a background thread consumes the
-samples through ``writer.write_shard`` (encode depth and features, there or in --encode-workers
-processes; write) behind them, fed by a bounded queue. The main process does little besides
-driving the teachers, so on a GPU its GIL is free for launching kernels.
+samples through ``writer.write_shard`` (encode depth and features in --encode-workers threads,
+whose codecs release the GIL; write) behind them, fed by a bounded queue. The main thread does
+little besides driving the teachers, so on a GPU its GIL is free for launching kernels.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class _TimeSplit:
 
     LABELS = {"teachers": "in the teachers", "input": "waiting for prepared images", "writer": "waiting for the writer"}
     HINTS = {"input": "give the job more CPUs for --num-workers, or a cheaper --rgb-codec",
-             "writer": "use --encode-workers N to encode in N processes"}
+             "writer": "raise --encode-workers (threads encoding the depth and features)"}
 
     def __init__(self) -> None:
         self.reset()
@@ -369,7 +369,7 @@ def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], fe
 
 def _with_encoded_rgb(samples: list[CacheSample], good: list[PreparedImage]) -> list[RGBEncodedSample]:
     """The writer's items: each sample with the RGB bytes its preparation worker encoded, the
-    pixels dropped (they need not travel to the encoder processes)."""
+    pixels dropped (the writer needs only the bytes)."""
     encoded = [(g.rgb_region_bytes[r], g.rgb_patch_bytes[r]) for g in good for r in range(len(g.plans))]
     return [RGBEncodedSample(dataclasses.replace(s, rgb_region=None, rgb_patches=None), region, patches)
             for s, (region, patches) in zip(samples, encoded, strict=True)]
@@ -401,7 +401,7 @@ def cache_teachers(
     """Run stage 1 for this job's part of the work; see the module docstring. ``num_shards`` /
     ``shard_index`` are K parts of the work and this job's part (not storage shards, whose size
     is ``shard_size`` images). ``num_workers``: image preparation processes (0: in this process);
-    ``encode_workers``: processes encoding the teachers' outputs (1: the writer thread); both
+    ``encode_workers``: threads encoding the teachers' outputs (1: the writer thread); both
     default from the CPUs this job may use (``stage1_worker_counts``). Returns a summary of what
     this call did."""
     t_start = time.perf_counter()
@@ -448,12 +448,10 @@ def cache_teachers(
     mine = [k for k in range(total_shards) if split.owns(k)]
     todo = [k for k in mine if not writer.is_complete(k)]
     n_keys = len(source.keys)
-    if todo:
-        writer.start_encoders()
     log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index + 1}/{split.num_parts} "
         f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}, "
         f"{num_workers} image worker process{'es' if num_workers != 1 else ''}, depth/features encoded by "
-        + ("the writer thread" if encode_workers == 1 else f"{encode_workers} processes"))
+        + ("the writer thread" if encode_workers == 1 else f"{encode_workers} threads"))
 
     if not mine:
         log(f"this part has no work: {split.num_parts} parts but only {total_shards} shards; "
@@ -530,7 +528,7 @@ def cache_teachers(
         "teacher_forwards": {t.name: t.forward_calls for t in teacher_objs},
         "finalized": bool(finalized), "device": str(dev), "seconds": round(seconds, 2),
         "images_per_second": round(len(work) / seconds, 2) if seconds > 0 else None,
-        # the rate after the first batch: start-up (teacher load, encoder processes) left out
+        # the rate after the first batch: start-up (teacher load, worker processes) left out
         "steady_images_per_second": steady,
         "time_split": split_after_start,
         # CPU time of this process (all its threads, the teachers' included) per image after

@@ -40,20 +40,20 @@ def usable_cpus() -> int:
 
 
 def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cpus: int | None = None) -> tuple[int, int]:
-    """Default (image preparation processes, teacher-output encoder processes) for stage 1 on
+    """Default (image preparation processes, teacher-output encoder threads) for stage 1 on
     ``cpus`` CPUs (default: this job's, shared with the other processes torchrun started on the
-    node). Preparation (decode, crop, PNG-encode the RGB: ~0.15 s of a core per image at
-    560 px with the default png2, ~0.4 s with png) gets every CPU but the one driving the
-    teachers. The teachers' depth and features are encoded in the writer thread
-    (encode_workers 1) by default: numpy
-    and blosc release the GIL there, while shipping the maps to encoder processes costs the
-    main process more GIL time (pickling) than encoding them (~0.02 s per image and teacher)."""
+    node). The teachers' depth and features are encoded in 2 threads of the main process
+    (~0.02 s of a core per image and teacher; numpy, blosc and zstd release the GIL, so the
+    threads run in parallel and leave the GIL to the thread driving the teachers): one thread
+    would be busy most of the time behind an H100 with one ViT-L teacher. Preparation (decode,
+    crop, PNG-encode the RGB: ~0.15 s of a core per image at 560 px with the default png2, ~0.4 s
+    with png) gets the remaining CPUs but the one driving the teachers."""
     if encode_workers is None:
-        encode_workers = 1
+        encode_workers = 2
     if num_workers is None:
         if cpus is None:  # torchrun starts one such job per GPU, each seeing every CPU of the node
             cpus = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-        spare = cpus - 1 - (encode_workers if encode_workers > 1 else 0)
+        spare = cpus - 1 - (encode_workers - 1)
         num_workers = min(32, max(1, spare))
     return num_workers, encode_workers
 

@@ -71,14 +71,15 @@ def test_stopping_early_stops_the_workers(folder):
 
 
 def test_default_worker_counts(monkeypatch):
-    assert stage1_worker_counts(None, None, cpus=16) == (15, 1)
-    assert stage1_worker_counts(None, None, cpus=2) == (1, 1)
-    assert stage1_worker_counts(None, 4, cpus=16) == (11, 4)  # encoder processes take their share
-    assert stage1_worker_counts(0, None, cpus=64) == (0, 1)
-    assert stage1_worker_counts(None, None, cpus=128) == (32, 1)
+    assert stage1_worker_counts(None, None, cpus=16) == (14, 2)  # 2 encoder threads take a core's share
+    assert stage1_worker_counts(None, None, cpus=2) == (1, 2)
+    assert stage1_worker_counts(None, 4, cpus=16) == (12, 4)
+    assert stage1_worker_counts(None, 1, cpus=16) == (15, 1)  # encoding in the writer thread itself
+    assert stage1_worker_counts(0, None, cpus=64) == (0, 2)
+    assert stage1_worker_counts(None, None, cpus=128) == (32, 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs: the node's CPUs shared 8 ways
     monkeypatch.setattr("dad.utils.parallel.usable_cpus", lambda: 128)
-    assert stage1_worker_counts(None, None) == (15, 1)
+    assert stage1_worker_counts(None, None) == (14, 2)
 
 
 def test_an_unguarded_calling_script_gets_the_fix_not_a_crash_report(folder, tmp_path):
