@@ -106,6 +106,9 @@ def main() -> None:
           + f"; sum {1000 * total:.1f} ms = {1 / total:.2f} steps/s")
     print("  operator calls (~kernel launches): " + ", ".join(f"{k} {n}" for k, n in calls.items())
           + f"; sum {sum(calls.values())}")
+    load = data_worker_seconds(cfg, batches=max(4, args.steps // 4))
+    print(f"one data worker: {1000 * load:.1f} ms per batch (read, decode, augment); "
+          f"--num-workers {args.num_workers}: at most {args.num_workers / load:.1f} steps/s")
 
 
 def teacher_forward_seconds(checkpoint: Path, batch_size: int, size: int, local: int, device_name: str,
@@ -137,6 +140,23 @@ def teacher_forward_seconds(checkpoint: Path, batch_size: int, size: int, local:
     return best
 
 
+def data_worker_seconds(cfg, batches: int) -> float:
+    """Seconds a DataLoader worker spends on one batch of the cache (read, decode, augment,
+    stack), in this process: the mean over ``batches`` after one warm-up batch."""
+    import time
+
+    from dad.train.sources import CachedBatchSource
+
+    source = CachedBatchSource(cfg, 0, 1, 0)
+    source.set_total_steps(batches + 1)
+    it = iter(source)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return (time.perf_counter() - start) / batches
+
+
 def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds per phase of a cached training step (batch to device, student forward, losses,
     backward, clipping + optimizer), each timed alone with the device synchronised, the mean
@@ -145,8 +165,9 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
     slow: a phase whose time is its launches' (~10 us each on a GPU) is bound by the host."""
     import time
 
-    from dad.infer import autocast_for, normalize, resolve_device
+    from dad.infer import autocast_for, resolve_device
     from dad.models import build_depth_model
+    from dad.train.data import student_input
     from dad.train.loop import DistillModule, build_optimizer, compute_losses, move_batch
     from dad.train.sources import CachedBatchSource
     from dad.utils.profiling import OperatorCalls
@@ -179,7 +200,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
 
         def forward():
             with autocast_for(device, cfg.precision):
-                return module(normalize(batch["rgb"]))
+                return module(student_input(batch["rgb"], batch["jitter"]))
 
         depth, tokens = timed("forward", forward)
         terms = timed("losses", lambda: compute_losses(depth, tokens, batch, cfg))

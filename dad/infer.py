@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -71,10 +72,18 @@ def preprocess(rgb: np.ndarray | torch.Tensor, input_size: int = 518) -> torch.T
     return normalize(x)
 
 
+@functools.cache
+def _imagenet_stats(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a tensor built from a list is a blocking host-to-device copy, which
+    # would make every call wait for the GPU to drain its queue
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype).view(1, 3, 1, 1).to(device)
+    return mean, std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1], (B, 3, H, W) -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(x.device, x.dtype)
     return (x - mean) / std
 
 

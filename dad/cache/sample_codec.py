@@ -176,11 +176,12 @@ def encode_sample(item: CacheSample | RGBEncodedSample, geo: Geometry) -> Encode
     return out
 
 
-def decode_parts(meta: dict[str, Any], rgb_region: bytes, rgb_patches: Sequence[bytes],
+def decode_parts(meta: dict[str, Any], rgb_region: bytes, rgb_patches: Sequence[bytes] | None,
                  depth: dict[str, tuple[bytes, np.ndarray, bytes, np.ndarray]], features: dict[str, bytes],
                  geo: Geometry) -> CacheSample:
     """Stored parts -> CacheSample. ``depth``: teacher -> (region bytes, region range (2,),
-    patches bytes, patches ranges (P, 2))."""
+    patches bytes, patches ranges (P, 2)); ``rgb_patches`` None: not read (the sample's
+    ``rgb_patches`` is None)."""
     s, l_, p = geo.region_size, geo.patch_size, geo.num_patches
     return CacheSample(
         key=meta["key"], image_key=meta["image_key"], region_index=int(meta["region_index"]),
@@ -188,7 +189,8 @@ def decode_parts(meta: dict[str, Any], rgb_region: bytes, rgb_patches: Sequence[
         region_box=np.asarray(meta["region_box"], np.float32).reshape(4),
         patch_boxes=np.asarray(meta["patch_boxes"], np.float32).reshape(p, 4),
         rgb_region=codecs.decode_rgb(rgb_region),
-        rgb_patches=np.stack([codecs.decode_rgb(b) for b in rgb_patches]) if p else np.zeros((0, l_, l_, 3), np.uint8),
+        rgb_patches=(None if rgb_patches is None else np.stack([codecs.decode_rgb(b) for b in rgb_patches]) if p
+                     else np.zeros((0, l_, l_, 3), np.uint8)),
         depth_region={t: codecs.decode_depth(v[0], (s, s), v[1]) for t, v in depth.items()},
         depth_patches={t: codecs.decode_depth(v[2], (p, l_, l_), v[3]) for t, v in depth.items()},
         features={t: codecs.decode_features(b, geo.feature_shape) for t, b in features.items()},

@@ -407,13 +407,15 @@ class TeacherCache:
             raise CacheError(f"{self.root}: no teacher {unknown[0]!r} in this cache (it has {', '.join(self.teachers)})")
         return names
 
-    def get(self, index: int, teachers: Sequence[str] | None = None, features: bool = True) -> CacheSample:
+    def get(self, index: int, teachers: Sequence[str] | None = None, features: bool = True,
+            rgb_patches: bool = True) -> CacheSample:
         """Sample ``index`` with the outputs of ``teachers`` (default all); features only when
-        asked and cached. Decodes nothing else."""
+        asked and cached; the patches' RGB unless ``rgb_patches=False`` (training needs only the
+        region view's: four fewer image decodes a sample). Decodes nothing else."""
         names = self._teacher_names(teachers)
         pos, j = self._locate(index)
         try:
-            return self._reader(pos).sample(j, names, features and self.geometry.features)
+            return self._reader(pos).sample(j, names, features and self.geometry.features, rgb_patches)
         except CacheError:
             raise
         except Exception as e:  # noqa: BLE001 - a decoder failing on stored bytes means a damaged shard
@@ -513,7 +515,8 @@ class CacheConcat:
         parts = [np.arange(self._starts[i], self._starts[i + 1]) for i, c in enumerate(self.caches) if name in c.teachers]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def get(self, index: int, teachers: Sequence[str] | None = None, features: bool = True) -> CacheSample:
+    def get(self, index: int, teachers: Sequence[str] | None = None, features: bool = True,
+            rgb_patches: bool = True) -> CacheSample:
         pos, j = self._locate(index)
         cache = self.caches[pos]
         if teachers is None:
@@ -524,7 +527,7 @@ class CacheConcat:
             if unknown:
                 raise CacheError(f"no teacher {unknown[0]!r} in the caches (they have {', '.join(self.teachers)})")
             names = [t for t in wanted if t in cache.teachers]
-        return cache.get(j, names, features)
+        return cache.get(j, names, features, rgb_patches)
 
     def __getitem__(self, index: int) -> CacheSample:
         return self.get(index)

@@ -158,7 +158,7 @@ class TarShardReader:
                              "the shard is damaged")
         return meta
 
-    def sample(self, j: int, teachers: list[str], features: bool) -> CacheSample:
+    def sample(self, j: int, teachers: list[str], features: bool, rgb_patches: bool = True) -> CacheSample:
         ext = codecs.rgb_extension(self.geo.rgb_codec)
         meta = self.meta(j)
         ranges = meta["depth_ranges"]
@@ -166,7 +166,7 @@ class TarShardReader:
                      self._member(j, f"depth_patches.{t}.dq"), np.asarray(ranges[t]["patches"], np.float32))
                  for t in teachers}
         feats = {t: self._member(j, f"features.{t}.f16") for t in teachers} if features else {}
-        patches = [self._member(j, f"rgb_patch_{i}.{ext}") for i in range(self.geo.num_patches)]
+        patches = [self._member(j, f"rgb_patch_{i}.{ext}") for i in range(self.geo.num_patches)] if rgb_patches else None
         return decode_parts(meta, self._member(j, f"rgb_region.{ext}"), patches, depth, feats, self.geo)
 
     def close(self) -> None:

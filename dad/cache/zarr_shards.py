@@ -289,7 +289,7 @@ class ZarrShardReader:
             "notes": self.notes.get(j, []),
         }
 
-    def sample(self, j: int, teachers: list[str], features: bool) -> CacheSample:
+    def sample(self, j: int, teachers: list[str], features: bool, rgb_patches: bool = True) -> CacheSample:
         n, p = self.n, self.geo.num_patches
         depth = {}
         for t in teachers:
@@ -299,11 +299,11 @@ class ZarrShardReader:
                         self._small_array(f"teachers/{t}/depth_patches_range", "<f4", (n, p, 2))[j])
         feats = {t: self._array(f"teachers/{t}/features").chunk(j) for t in teachers} if features else {}
         rgb_region = codecs.decode_vlen(self._array("rgb_region").chunk(j))
-        rgb_patches = codecs.decode_vlen(self._array("rgb_patches").chunk(j))
-        if len(rgb_region) != 1 or len(rgb_patches) != p:
-            raise CacheError(f"{self.folder}: sample {j} has {len(rgb_region)} region / {len(rgb_patches)} patch images; "
+        patches = codecs.decode_vlen(self._array("rgb_patches").chunk(j)) if rgb_patches else None
+        if len(rgb_region) != 1 or (patches is not None and len(patches) != p):
+            raise CacheError(f"{self.folder}: sample {j} has {len(rgb_region)} region / {len(patches)} patch images; "
                              "the shard is damaged")
-        return decode_parts(self.meta(j), rgb_region[0], rgb_patches, depth, feats, self.geo)
+        return decode_parts(self.meta(j), rgb_region[0], patches, depth, feats, self.geo)
 
     def close(self) -> None:
         for a in list(self._arrays.values()):

@@ -126,11 +126,13 @@ class StepSampler:
 
 def augment_sample(sample: CacheSample, teacher: str, rng: np.random.Generator, flip_prob: float,
                    color_jitter: float, want_features: bool) -> dict[str, torch.Tensor]:
-    """One sample's tensors for ``teacher``: flip applied to inputs and targets together,
-    photometric jitter to the student input only (targets stay valid)."""
+    """One sample's tensors for ``teacher``: flip applied to inputs and targets together; the
+    photometric jitter of the student input drawn here but applied on the device by
+    ``student_input`` (the RGB stays uint8 until then: a quarter of the bytes to copy, and the
+    float passes of the jitter off the data workers). Targets are never jittered."""
     if teacher not in sample.depth_region:
         raise DataError(f"sample {sample.key} has no outputs of teacher {teacher!r} (has {sorted(sample.depth_region)})")
-    rgb = sample.rgb_region.astype(np.float32) / 255.0
+    rgb = sample.rgb_region
     depth = sample.depth_region[teacher].astype(np.float32)
     patches = sample.depth_patches[teacher].astype(np.float32)
     boxes = sample.patch_boxes.astype(np.float32).copy()
@@ -144,16 +146,11 @@ def augment_sample(sample: CacheSample, teacher: str, rng: np.random.Generator, 
         boxes[:, [0, 2]] = side - boxes[:, [2, 0]]  # mirror x0, x1 inside the region
         if feats is not None:
             feats = feats[:, ::-1]
-    if color_jitter > 0:
-        # brightness, contrast and saturation factors in [1 - j, 1 + j]
-        b, c, s = 1.0 + rng.uniform(-color_jitter, color_jitter, size=3)
-        rgb = rgb * b
-        mean = rgb.mean()
-        rgb = (rgb - mean) * c + mean
-        gray = rgb.mean(axis=2, keepdims=True)
-        rgb = np.clip((rgb - gray) * s + gray, 0.0, 1.0).astype(np.float32)
+    # brightness, contrast and saturation factors in [1 - j, 1 + j] (all 1: no jitter)
+    jitter = (1.0 + rng.uniform(-color_jitter, color_jitter, size=3)) if color_jitter > 0 else np.ones(3)
     out = {
-        "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
+        "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.uint8)),
+        "jitter": torch.from_numpy(jitter.astype(np.float32)),
         "depth_region": torch.from_numpy(np.ascontiguousarray(depth)),
         "depth_patches": torch.from_numpy(np.ascontiguousarray(patches)),
         "patch_boxes": torch.from_numpy(boxes),
@@ -162,6 +159,24 @@ def augment_sample(sample: CacheSample, teacher: str, rng: np.random.Generator, 
     if feats is not None:
         out["features"] = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1, feats.shape[-1]))
     return out
+
+
+def student_input(rgb: torch.Tensor, jitter: torch.Tensor | None) -> torch.Tensor:
+    """The student's input from a batch's uint8 RGB (B, 3, S, S) and jitter factors (B, 3)
+    (brightness b, contrast c, saturation s; None: no jitter): x = rgb / 255, x *= b, x pulled
+    to or from its mean by c, each pixel to or from its grey by s, clipped to [0, 1], then
+    ImageNet-normalised. Runs where the tensors are, the GPU in training."""
+    from dad.infer import normalize
+
+    x = rgb.float() / 255.0
+    if jitter is not None:
+        b, c, s = (jitter.to(x.dtype)[:, i].view(-1, 1, 1, 1) for i in range(3))
+        x = x * b
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * c + mean
+        gray = x.mean(dim=1, keepdim=True)
+        x = ((x - gray) * s + gray).clamp(0.0, 1.0)
+    return normalize(x)
 
 
 def make_batch(samples: Sequence[CacheSample], plan: BatchPlan, seed: int, flip_prob: float, color_jitter: float,
@@ -200,7 +215,9 @@ class CachedDistillDataset(Dataset):
         return state
 
     def load(self, plan: BatchPlan) -> dict[str, Any]:
-        samples = [self.cache.get(i, teachers=[plan.teacher], features=self.want_features) for i in plan.indices]
+        # the patches' RGB is not trained on: not decoding it saves four image decodes a sample
+        samples = [self.cache.get(i, teachers=[plan.teacher], features=self.want_features, rgb_patches=False)
+                   for i in plan.indices]
         return make_batch(samples, plan, self.seed, self.flip_prob, self.color_jitter, self.want_features)
 
     def __getitem__(self, plan: BatchPlan) -> dict[str, Any]:  # type: ignore[override]

@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dad.errors import ConfigError, DadError
-from dad.infer import autocast_for, normalize, resolve_device
+from dad.infer import autocast_for, resolve_device
 from dad.models import DepthAnythingV2, build_depth_model, load_depth_model, save_depth_model
 from dad.train.config import TrainConfig
+from dad.train.data import student_input
 from dad.train.losses import (
     FeatureProjection,
     distill_loss,
@@ -204,7 +205,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
     sums = torch.zeros(len(keys), device=device)
     for i, batch in enumerate(micro_batches):
         batch = move_batch(batch, device)
-        x = normalize(batch["rgb"])
+        x = student_input(batch["rgb"], batch["jitter"] if cfg.color_jitter > 0 else None)
         sync = i == len(micro_batches) - 1 or not isinstance(module, nn.parallel.DistributedDataParallel)
         ctx = module.no_sync() if not sync else contextlib.nullcontext()
         with ctx:

@@ -112,6 +112,11 @@ def test_random_access_and_partial_decoding(tmp_path, fmt):
         assert cache[i].key == refs[i].key
     s = cache.get(3, teachers=["beta"], features=False)
     assert_sample_matches(s, refs[3], teachers=("beta",), features=False)
+    lean = cache.get(3, teachers=["beta"], features=False, rgb_patches=False)  # what training reads
+    assert lean.rgb_patches is None and s.rgb_patches is not None
+    np.testing.assert_array_equal(lean.rgb_region, s.rgb_region)
+    np.testing.assert_array_equal(lean.depth_patches["beta"], s.depth_patches["beta"])
+    np.testing.assert_array_equal(lean.patch_boxes, s.patch_boxes)
     assert cache.get(-1).key == refs[-1].key
     with pytest.raises(IndexError):
         cache.get(len(cache))
@@ -192,11 +197,11 @@ w.write_shard(1, samples(), shard_skipped(header, 1))
     assert tree_bytes(path) == tree_bytes(tmp_path / "straight")
 
 
-def test_encoder_processes_do_not_change_the_bytes(tmp_path):
+def test_encoder_threads_do_not_change_the_bytes(tmp_path):
     header = make_header(num_images=4, per_shard=2)
     write_cache(tmp_path / "one", "webdataset", header, encode_workers=1)
     writer = write_cache(tmp_path / "two", "webdataset", header, encode_workers=2)
-    assert writer._pool is not None  # the samples really went through the processes
+    assert writer._pool is not None  # the samples really went through the threads
     writer.close()
     assert tree_bytes(tmp_path / "one") == tree_bytes(tmp_path / "two")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dad.cache.schema import CacheSample
 from dad.errors import ConfigError, DataError
 from dad.train.config import build_config, parse_teacher_probs, read_config_file
-from dad.train.data import StepSampler, augment_sample, teacher_for_step
+from dad.train.data import StepSampler, augment_sample, student_input, teacher_for_step
 
 
 def _base(**kw):
@@ -131,8 +132,25 @@ def test_jitter_changes_only_the_student_input():
     s = _sample()
     a = augment_sample(s, "t", np.random.default_rng(1), flip_prob=0.0, color_jitter=0.4, want_features=False)
     b = augment_sample(s, "t", np.random.default_rng(1), flip_prob=0.0, color_jitter=0.0, want_features=False)
-    assert not np.allclose(a["rgb"].numpy(), b["rgb"].numpy())
+    assert torch.equal(a["rgb"], b["rgb"]) and a["rgb"].dtype == torch.uint8  # jittered on the device, later
+    assert b["jitter"].tolist() == [1.0, 1.0, 1.0] and np.all(np.abs(a["jitter"].numpy() - 1) <= 0.4)
+    xa = student_input(a["rgb"][None], a["jitter"][None])
+    xb = student_input(b["rgb"][None], b["jitter"][None])
+    assert not torch.allclose(xa, xb)
+    assert torch.allclose(xb, student_input(b["rgb"][None], None), atol=1e-6)  # factors of 1 change nothing
     assert np.array_equal(a["depth_region"].numpy(), b["depth_region"].numpy())
     assert "features" not in a
     with pytest.raises(DataError, match="teacher 'u'"):
         augment_sample(s, "u", np.random.default_rng(1), 0.0, 0.0, False)
+
+
+def test_student_input_by_hand():
+    # one pixel row of 2: rgb (255, 0, 0) and (0, 0, 255); b = 0.5, c = 2, s = 0
+    from dad.models import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = torch.tensor([[[255, 0]], [[0, 0]], [[0, 255]]], dtype=torch.uint8)[None]  # (1, 3, 1, 2)
+    x = student_input(rgb, torch.tensor([[0.5, 2.0, 0.0]]))
+    # x * b: (.5, 0, 0), (0, 0, .5); mean 1/6; contrast 2: v -> 2 v - 1/6 -> (5/6, -1/6, -1/6), (-1/6, -1/6, 5/6);
+    # saturation 0: each pixel its grey, (1/6, 1/6, 1/6) both; clip keeps it
+    expected = (torch.full((1, 3, 1, 2), 1 / 6) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, expected, atol=1e-6)

@@ -178,7 +178,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, cache):
 def test_cached_loss_equals_online_loss(tmp_path, cache, scenes, tiny_checkpoint):
     from dad.train.data import CachedDistillDataset, StepSampler
     from dad.train.loop import DistillModule, _init_student, compute_losses
-    from dad.infer import normalize
+    from dad.train.data import student_input
     from dad.train.online import OnlineBatchSource
 
     cfg = _cfg(cache, tmp_path / "x")
@@ -193,11 +193,11 @@ def test_cached_loss_equals_online_loss(tmp_path, cache, scenes, tiny_checkpoint
         from dad.train.data import make_batch
 
         b = make_batch(online.samples_for(plan), plan, cfg.seed, cfg.flip_prob, cfg.color_jitter, True)
-        assert torch.equal(a["rgb"], b["rgb"])
+        assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["jitter"], b["jitter"])
         rng = float(b["depth_region"].amax() - b["depth_region"].amin())
         assert (a["depth_region"] - b["depth_region"]).abs().max() < 1e-4 * rng + 1e-6
         with torch.no_grad():
-            depth, tokens = module(normalize(a["rgb"]))
+            depth, tokens = module(student_input(a["rgb"], a["jitter"]))
             la, lb = compute_losses(depth, tokens, a, cfg), compute_losses(depth, tokens, b, cfg)
         for k in la:
             assert abs(la[k].item() - lb[k].item()) <= 1e-3 * max(1.0, abs(lb[k].item())), k
