@@ -301,8 +301,8 @@ class ZarrShardReader:
         rgb_region = codecs.decode_vlen(self._array("rgb_region").chunk(j))
         patches = codecs.decode_vlen(self._array("rgb_patches").chunk(j)) if rgb_patches else None
         if len(rgb_region) != 1 or (patches is not None and len(patches) != p):
-            raise CacheError(f"{self.folder}: sample {j} has {len(rgb_region)} region / {len(patches)} patch images; "
-                             "the shard is damaged")
+            found = f"{len(rgb_region)} region" + (f" / {len(patches)} patch" if patches is not None else "")
+            raise CacheError(f"{self.folder}: sample {j} has {found} images; the shard is damaged")
         return decode_parts(self.meta(j), rgb_region[0], patches, depth, feats, self.geo)
 
     def close(self) -> None:
