@@ -18,7 +18,7 @@ argsorted once by the int64 key (group << 32 | order-preserving bits of the floa
 orders them by (group, value) with ungrouped pixels last. The group starts come from a
 searchsorted over the sorted ids, the median of group g is the element at rank
 start_g + (count_g - 1) // 2 (one gather), and the per-group sums behind the MADs are
-differences of a float64 cumulative sum at the group boundaries (deterministic, unlike
+differences of a float64 (on Apple GPUs float32) cumulative sum at the group boundaries (deterministic, unlike
 scatter_add on CUDA). Integer keys sort ~1.6x faster than float keys on CPU.
 
 Levels share work: segment ids nest exactly (floor(2y) // 2 == floor(y), and scaling by a power
@@ -118,8 +118,8 @@ def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: 
     dev = (x - med_px).abs()
     if not all_grouped:
         dev = torch.where(groups < g, dev, torch.zeros_like(x))
-    csum = torch.cat([dev.new_zeros(r, 1, dtype=torch.float64),
-                      dev.gather(1, order).double().cumsum(dim=1)], dim=1)
+    acc = torch.float32 if x.device.type == "mps" else torch.float64  # Apple GPUs have no float64
+    csum = torch.cat([dev.new_zeros(r, 1, dtype=acc), dev.gather(1, order).to(acc).cumsum(dim=1)], dim=1)
     sums = csum.gather(1, start + count) - csum.gather(1, start)
     mad = (sums / count.clamp(min=1)).to(x.dtype)
     return med, mad, count, med_px
