@@ -18,8 +18,9 @@ argsorted once by the int64 key (group << 32 | order-preserving bits of the floa
 orders them by (group, value) with ungrouped pixels last. The group starts come from a
 searchsorted over the sorted ids, the median of group g is the element at rank
 start_g + (count_g - 1) // 2 (one gather), and the per-group sums behind the MADs are
-differences of a float64 (on Apple GPUs float32) cumulative sum at the group boundaries (deterministic, unlike
-scatter_add on CUDA). Integer keys sort ~1.6x faster than float keys on CPU.
+differences of a float64 (on Apple GPUs float32) cumulative sum at the group boundaries
+(deterministic, unlike scatter_add on CUDA). Integer keys sort ~1.6x faster than float keys on
+CPU.
 
 Levels share work: segment ids nest exactly (floor(2y) // 2 == floor(y), and scaling by a power
 of two is exact in floating point), so level S's ids are the finest level's ids >> log2(K / S).
