@@ -1,4 +1,6 @@
-"""Inference throughput of a named size: images/s, fp32 vs bf16, SDPA vs plain attention.
+"""Inference throughput of a named size: images/s, fp32 vs bf16, SDPA vs plain attention; then
+the whole `dad infer` (decode, resize, forward, write npy + 16-bit PNG + colour PNG) on
+--images synthetic 640x480 JPEGs, without and with its worker threads.
 
     python benchmarks/infer.py --arch vitl --input-size 518 --batch-size 4      # on a GPU
     python benchmarks/infer.py --arch vits --input-size 266 --batch-size 2      # CPU smoke
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--images", type=int, default=32, help="images for the whole-command rows (0: skip them)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -64,6 +67,41 @@ def main() -> None:
     for precision in precisions:
         ratio = results[precision, "sdpa"] / results[precision, "plain"]
         print(f"{precision}: SDPA / plain = {ratio:.2f}x")
+    if args.images:
+        model.set_sdpa(True)
+        whole_command(model, args)
+
+
+def whole_command(model, args) -> None:
+    """images/s of run_inference over synthetic JPEGs, with no worker threads and the default."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from dad.data.synthetic import render_scene
+    from dad.infer import run_inference
+    from dad.models import save_depth_model
+    from dad.utils.parallel import usable_cpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "in").mkdir()
+        for i in range(args.images):
+            Image.fromarray(render_scene(i, 480, 640)[0]).save(work / "in" / f"{i:04d}.jpg", quality=90)
+        ckpt = save_depth_model(model.cpu(), work / "model.safetensors")
+        default = min(8, usable_cpus())
+        print(f"\ndad infer, {args.images} 640x480 JPEGs, --save npy,png16,color, batch {args.batch_size}:")
+        rates = {}
+        for workers in (0, default):
+            run_inference(ckpt, [str(work / "in" / "0000.jpg")], work / "warm", input_size=args.input_size,
+                          device=args.device, show_progress=False, num_workers=workers)  # model load, first kernels
+            start = time.perf_counter()
+            run_inference(ckpt, [str(work / "in")], work / f"out{workers}", input_size=args.input_size,
+                          batch_size=args.batch_size, device=args.device, show_progress=False, num_workers=workers)
+            rates[workers] = args.images / (time.perf_counter() - start)
+            print(f"  --num-workers {workers}: {rates[workers]:.2f} images/s")
+        print(f"  worker threads / none = {rates[default] / rates[0]:.2f}x (model load included in both)")
 
 
 if __name__ == "__main__":

@@ -62,14 +62,17 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|mps")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="bf16 autocast on CUDA; CPU always runs fp32.")
+@click.option("--num-workers", "--num_workers", "num_workers", default=None, type=int,
+              help="Threads decoding images ahead of the model and writing outputs behind it; 0: none "
+                   "(default: the CPUs, at most 8).")
 @click.argument("inputs", nargs=-1, required=True)
 @handle_errors
-def infer(checkpoint, arch, input_size, output_dir, save, batch_size, device, precision, inputs):
+def infer(checkpoint, arch, input_size, output_dir, save, batch_size, device, precision, num_workers, inputs):
     """Depth maps for images: INPUTS are files, directories (recursive) or globs."""
     from dad.infer import run_inference
 
     result = run_inference(checkpoint, inputs, output_dir, arch=arch, input_size=input_size, save=save,
-                           batch_size=batch_size, device=device, precision=precision)
+                           batch_size=batch_size, device=device, precision=precision, num_workers=num_workers)
     click.echo(f"wrote {len(result.written)} files to {output_dir}")
     if result.failed:
         click.echo(f"{len(result.failed)} input(s) failed:", err=True)

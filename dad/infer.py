@@ -7,6 +7,8 @@ import functools
 import math
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from dad.errors import DadError, DataError
 from dad.models import IMAGENET_MEAN, IMAGENET_STD, DepthAnythingV2, load_depth_model
 from dad.utils.images import list_images, load_rgb
+from dad.utils.parallel import ordered_map, usable_cpus
 from dad.utils.progress import progress
 
 SAVE_KINDS = ("npy", "png16", "color")
@@ -92,12 +95,19 @@ def predict_batch(
     model: DepthAnythingV2, images: Sequence[np.ndarray], input_size: int = 518, precision: str = "bf16"
 ) -> list[np.ndarray]:
     """Disparity at each image's own resolution (float32 (H, W)); images must share a shape."""
+    return predict_preprocessed(model, [preprocess(im, input_size) for im in images], images[0].shape[:2], precision)
+
+
+@torch.no_grad()
+def predict_preprocessed(model: DepthAnythingV2, inputs: Sequence[torch.Tensor], size: tuple[int, int],
+                         precision: str = "bf16") -> list[np.ndarray]:
+    """``predict_batch`` of images already through ``preprocess`` (each (1, 3, h, w), one shape),
+    resized back to ``size`` (H, W)."""
     device = next(model.parameters()).device
-    x = torch.cat([preprocess(im, input_size) for im in images]).to(device)
+    x = torch.cat(list(inputs)).to(device)
     with autocast_for(device, precision):
         depth = model(x)
-    h, w = images[0].shape[:2]
-    depth = F.interpolate(depth[:, None].float(), size=(h, w), mode="bilinear", align_corners=True)[:, 0]
+    depth = F.interpolate(depth[:, None].float(), size=tuple(size), mode="bilinear", align_corners=True)[:, 0]
     return [d.cpu().numpy().astype(np.float32) for d in depth]
 
 
@@ -178,40 +188,69 @@ def run_inference(
     device: str = "auto",
     precision: str = "bf16",
     show_progress: bool = True,
+    num_workers: int | None = None,
 ) -> InferResult:
     """`dad infer`: predict and write maps for every image; unreadable files are listed in the
-    result (the caller decides the exit code) and the run goes on."""
+    result (the caller decides the exit code) and the run goes on. ``num_workers`` threads
+    (default: the CPUs, at most 8; 0: none) decode and resize the images ahead of the model and
+    write the outputs behind it (PNG encoding and decoding release the GIL), so a GPU is not
+    left waiting on them; the outputs are the same either way."""
     for kind in save:
         if kind not in SAVE_KINDS:
             raise DadError(f"unknown --save kind {kind!r}: use a comma list of {', '.join(SAVE_KINDS)}")
     if batch_size < 1:
         raise DadError("--batch-size must be >= 1")
+    if num_workers is not None and num_workers < 0:
+        raise DadError("--num-workers must be >= 0")
+    workers = min(8, usable_cpus()) if num_workers is None else num_workers
     dev = resolve_device(device)
     model = load_depth_model(checkpoint, arch=arch, device=dev)
     paths = list_images(inputs)
     stems = _unique_stems(paths)
     out_dir = Path(output_dir)
     result = InferResult()
-    pending: list[tuple[Path, np.ndarray]] = []
 
-    def flush() -> None:
-        preds = predict_batch(model, [im for _, im in pending], input_size, precision)
-        for (p, _), d in zip(pending, preds):
-            result.written += save_prediction(d, out_dir, stems[p], save)
-        pending.clear()
-
-    for path in progress(paths, desc="infer", unit="img", enabled=show_progress):
+    def load(path: Path) -> tuple[Path, np.ndarray | None, torch.Tensor | None, str | None]:
         try:
             rgb = load_rgb(path)
         except DataError as e:
-            result.failed.append((str(path), str(e)))
-            print(f"skipped: {e}", file=sys.stderr)
-            continue
-        if pending and pending[0][1].shape != rgb.shape:
-            flush()  # batches hold images of one shape only
-        pending.append((path, rgb))
-        if len(pending) >= batch_size:
+            return path, None, None, str(e)
+        return path, rgb, preprocess(rgb, input_size), None
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="dad-infer") if workers else None
+    saving: deque = deque()  # outputs being written, in input order
+    pending: list[tuple[Path, np.ndarray, torch.Tensor]] = []
+
+    def collect(limit: int) -> None:
+        while len(saving) > limit:
+            result.written += saving.popleft().result()
+
+    def flush() -> None:
+        preds = predict_preprocessed(model, [x for _, _, x in pending], pending[0][1].shape[:2], precision)
+        for (p, _, _), d in zip(pending, preds):
+            if pool is None:
+                result.written += save_prediction(d, out_dir, stems[p], save)
+            else:
+                saving.append(pool.submit(save_prediction, d, out_dir, stems[p], save))
+        pending.clear()
+        collect(2 * workers)  # bounded: predictions wait in memory only a little
+
+    try:
+        loaded = ordered_map(load, paths, pool, lookahead=2 * workers + batch_size)
+        for path, rgb, x, error in progress(loaded, desc="infer", unit="img", enabled=show_progress, total=len(paths)):
+            if error is not None:
+                result.failed.append((str(path), error))
+                print(f"skipped: {error}", file=sys.stderr)
+                continue
+            if pending and pending[0][1].shape != rgb.shape:
+                flush()  # batches hold images of one shape only
+            pending.append((path, rgb, x))
+            if len(pending) >= batch_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
+        collect(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return result

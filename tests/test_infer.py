@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -93,6 +94,25 @@ def test_cli_seed_spellings_and_batching_agree(tmp_path, tiny_checkpoint, photo_
     for p in photo_paths:
         assert np.allclose(np.load(one / f"{p.stem}.npy"), np.load(many / f"{p.stem}.npy"), atol=1e-5)
     assert not list(one.glob("*.png"))
+
+
+def test_worker_threads_write_what_one_thread_writes(tmp_path, tiny_checkpoint, photo_paths):
+    from dad.infer import run_inference
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, p in enumerate(photo_paths):
+        (src / f"{i}_{p.name}").write_bytes(p.read_bytes())
+    (src / "broken.jpg").write_bytes(b"not a jpeg")
+    runs = {}
+    for workers in (0, 3):
+        out = tmp_path / f"out{workers}"
+        r = run_inference(tiny_checkpoint, [str(src)], out, input_size=70, batch_size=2, device="cpu",
+                          show_progress=False, num_workers=workers)
+        assert [Path(f).name for f, _ in r.failed] == ["broken.jpg"]
+        runs[workers] = ([p.name for p in r.written], {p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert runs[0] == runs[3]  # the same files, listed in the same order, with the same bytes
+    assert len(runs[0][1]) == 3 * len(photo_paths)
 
 
 def test_cli_missing_input_is_a_clear_error(tmp_path, tiny_checkpoint):
