@@ -70,6 +70,16 @@ def test_run_eval_writes_json_markdown_and_predictions(tmp_path):
         assert row["valid_pixels"] == int((sample.depth > 0).sum()) < h * w
 
 
+def test_reading_ahead_in_threads_changes_no_result(tmp_path, tiny_model):
+    data = _write_generic(tmp_path / "tinyset", sizes=SIZES * 3)
+    runs = [evaluate_model(tiny_model, open_eval_dataset(data), input_size=70, device="cpu", show_progress=False,
+                           read_ahead=n) for n in (0, 3)]
+    for r in runs:
+        r.pop("seconds", None)
+    assert [row["name"] for row in runs[1]["images"]] == [f"img_{i}" for i in range(9)]
+    assert runs[0]["images"] == runs[1]["images"] and runs[0]["mean"] == runs[1]["mean"]
+
+
 def test_several_datasets_get_their_own_prediction_folders(tmp_path):
     a = _write_generic(tmp_path / "a", sizes=SIZES[:1])
     b = _write_generic(tmp_path / "b", sizes=SIZES[1:], seed=5)
