@@ -307,12 +307,13 @@ def cache_info_cmd(cache, as_json):
 
 @main.command("cache-verify")
 @click.argument("cache", type=click.Path())
+@click.option("--workers", default=None, type=int, help="Threads checking shards side by side (default: the CPUs, at most 16).")
 @handle_errors
-def cache_verify_cmd(cache):
+def cache_verify_cmd(cache, workers):
     """Re-check every shard's checksum and decode every sample; non-zero exit naming each bad shard."""
     from dad.cache import verify_cache
 
-    problems = verify_cache(cache)
+    problems = verify_cache(cache, workers=workers)
     if problems:
         for p in problems:
             click.echo(f"bad: {p}", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from dad.cache.layout import (
 )
 from dad.cache.store import KINDS, TeacherCache
 from dad.errors import CacheError
+from dad.utils.parallel import ordered_map, usable_cpus
 from dad.utils.progress import Progress
 
 
@@ -133,10 +135,11 @@ def _check_sample(cache: TeacherCache, index: int, key: str) -> None:
             raise CacheError(f"teacher {t} features are {s.features[t].shape}, expected {geo.feature_shape}")
 
 
-def verify_cache(path: str | os.PathLike, show_progress: bool = True) -> list[str]:
+def verify_cache(path: str | os.PathLike, show_progress: bool = True, workers: int | None = None) -> list[str]:
     """Re-check every complete shard's files against their recorded sha256 and decode every
     sample; returns one line per problem, each naming its shard ([] when the cache is intact
-    and complete)."""
+    and complete), in shard order. ``workers`` threads check shards side by side (default: the
+    CPUs, at most 16; hashing and decoding release the GIL)."""
     root = Path(path)
     manifest = read_manifest(root)
     problems: list[str] = []
@@ -157,29 +160,34 @@ def verify_cache(path: str | os.PathLike, show_progress: bool = True) -> list[st
             if k not in finalized or hashlib.sha256(raw).hexdigest() != finalized[k]["record_sha256"]:
                 problems.append(f"shard {shard_name(k)}: its record differs from the one in {MANIFEST}; "
                                 f"delete shards/{shard_name(k)}.json and its payload, then re-run `dad cache-teachers`")
-    bar = Progress(len(cache), desc="cache-verify", unit="sample", enabled=show_progress)
-    start = 0
-    for k in cache.complete_shards:
+    def check_shard(k: int) -> tuple[int, list[str]]:
+        """(samples checked, problems) of shard k."""
         try:
             record = read_record(root, k)
         except CacheError as e:
-            problems.append(f"shard {shard_name(k)}: {e}")
-            continue
-        n = int(record["num_samples"])
+            return 0, [f"shard {shard_name(k)}: {e}"]
         bad = _check_files(root, k, record)
         if bad:
-            problems.append(bad)
-        else:
-            for j in range(n):
-                try:
-                    _check_sample(cache, start + j, record["keys"][j])
-                except Exception as e:  # noqa: BLE001 - any failure to decode is a bad shard
-                    problems.append(f"shard {shard_name(k)} (shards/{record['path']}): sample {record['keys'][j]!r} "
-                                    f"does not decode ({e}); delete shards/{shard_name(k)}.json and shards/{record['path']}, "
-                                    "then re-run `dad cache-teachers`")
-                    break
-                bar.update()
-        start += n
-        cache.close()  # one shard at a time: no descriptor pile-up
-    bar.close()
+            return 0, [bad]
+        first = cache.first_index(k)
+        for j, key in enumerate(record["keys"]):
+            try:
+                _check_sample(cache, first + j, key)
+            except Exception as e:  # noqa: BLE001 - any failure to decode is a bad shard
+                return j, [f"shard {shard_name(k)} (shards/{record['path']}): sample {key!r} does not decode ({e}); "
+                           f"delete shards/{shard_name(k)}.json and shards/{record['path']}, then re-run `dad cache-teachers`"]
+        return len(record["keys"]), []
+
+    n_workers = min(16, usable_cpus()) if workers is None else max(1, int(workers))
+    bar = Progress(len(cache), desc="cache-verify", unit="sample", enabled=show_progress)
+    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="dad-verify") if n_workers > 1 else None
+    try:
+        for checked, found in ordered_map(check_shard, cache.complete_shards, pool, lookahead=2 * n_workers):
+            problems += found
+            bar.update(checked)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        cache.close()
     return problems

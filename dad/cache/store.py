@@ -344,6 +344,10 @@ class TeacherCache:
     def shard_of(self, index: int) -> int:
         return self._shards[self._locate(index)[0]]
 
+    def first_index(self, shard: int) -> int:
+        """The index of the first sample of complete shard ``shard``."""
+        return int(self._starts[self._shards.index(int(shard))])
+
     def record(self, shard: int) -> dict[str, Any]:
         self._check_process()
         with self._lock:

@@ -264,6 +264,10 @@ def test_verify_names_the_corrupted_shard(tmp_path, fmt):
     problems = verify_cache(tmp_path / "c", show_progress=False)
     assert len(problems) == 1 and "shard 000001" in problems[0] and "checksum" in problems[0]
     assert "000000" not in problems[0] and "000002" not in problems[0]
+    # shards checked side by side or one at a time: the same report, in shard order
+    (tmp_path / "c" / "shards" / "000000.json").write_text("{not json")
+    one, many = (verify_cache(tmp_path / "c", show_progress=False, workers=n) for n in (1, 3))
+    assert one == many and len(one) >= 2 and "000000" in one[-2] and "000001" in one[-1]
 
 
 def test_verify_reports_an_incomplete_cache(tmp_path):
