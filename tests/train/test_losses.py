@@ -332,3 +332,27 @@ def test_shared_normalisation_gives_the_separate_losses_bit_for_bit(mode, masked
     (sc + 2 * grad).backward()
     (sc_ref + 2 * grad_ref).backward()
     torch.testing.assert_close(ds_a.grad, ds_b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gpu_path_of_the_losses_compiles_and_matches_eager(monkeypatch):
+    # GPUs take the stacked normalisation (and `dad train --compile` compiles it): run that
+    # path through torch.compile here, on the CPU, against eager
+    from dad.train import normalization
+
+    monkeypatch.setattr(normalization, "STACKED", True)
+    g = torch.Generator().manual_seed(0)
+    b, p, s = 2, 4, 28
+    dt, dp = torch.rand(b, s, s, generator=g) + 0.1, torch.rand(b, p, s, s, generator=g) + 0.1
+    boxes = torch.tensor([[0, 0, 20, 20], [8, 0, 28, 20], [0, 8, 20, 28], [8, 8, 28, 28]], dtype=torch.float32).expand(b, p, 4)
+    side = torch.full((b,), float(s))
+
+    def losses(ds):
+        sc, grad = shared_context_and_gradient_losses(ds, dt)
+        return sc + 2 * grad + 0.5 * local_global_loss(ds, dp, boxes, side)
+
+    base = torch.rand(b, s, s, generator=g)
+    eager, compiled = base.clone().requires_grad_(), base.clone().requires_grad_()
+    la, lb = losses(eager), torch.compile(losses, dynamic=False)(compiled)
+    la.backward()
+    lb.backward()
+    assert torch.allclose(la, lb, rtol=1e-5) and torch.allclose(eager.grad, compiled.grad, atol=1e-6, rtol=1e-4)
