@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from dad.cache.schema import CacheSample
 from dad.errors import ConfigError, DataError
+from dad.infer import normalize
 
 
 def teacher_for_step(seed: int, step: int, names: Sequence[str], probs: dict[str, float]) -> str:
@@ -166,8 +167,6 @@ def student_input(rgb: torch.Tensor, jitter: torch.Tensor | None) -> torch.Tenso
     (brightness b, contrast c, saturation s; None: no jitter): x = rgb / 255, x *= b, x pulled
     to or from its mean by c, each pixel to or from its grey by s, clipped to [0, 1], then
     ImageNet-normalised. Runs where the tensors are, the GPU in training."""
-    from dad.infer import normalize
-
     x = rgb.float() / 255.0
     if jitter is not None:
         b, c, s = (jitter.to(x.dtype)[:, i].view(-1, 1, 1, 1) for i in range(3))
