@@ -210,23 +210,24 @@ def run_inference(
     out_dir = Path(output_dir)
     result = InferResult()
 
-    def load(path: Path) -> tuple[Path, np.ndarray | None, torch.Tensor | None, str | None]:
+    def load(path: Path) -> tuple[Path, tuple[int, int] | None, torch.Tensor | None, str | None]:
+        """(path, the image's (H, W), its model input, None) or (path, None, None, why unreadable)."""
         try:
             rgb = load_rgb(path)
         except DataError as e:
             return path, None, None, str(e)
-        return path, rgb, preprocess(rgb, input_size), None
+        return path, rgb.shape[:2], preprocess(rgb, input_size), None
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dad-infer") if workers else None
     saving: deque = deque()  # outputs being written, in input order
-    pending: list[tuple[Path, np.ndarray, torch.Tensor]] = []
+    pending: list[tuple[Path, tuple[int, int], torch.Tensor]] = []
 
     def collect(limit: int) -> None:
         while len(saving) > limit:
             result.written += saving.popleft().result()
 
     def flush() -> None:
-        preds = predict_preprocessed(model, [x for _, _, x in pending], pending[0][1].shape[:2], precision)
+        preds = predict_preprocessed(model, [x for _, _, x in pending], pending[0][1], precision)
         for (p, _, _), d in zip(pending, preds):
             if pool is None:
                 result.written += save_prediction(d, out_dir, stems[p], save)
@@ -237,14 +238,14 @@ def run_inference(
 
     try:
         loaded = ordered_map(load, paths, pool, lookahead=2 * workers + batch_size)
-        for path, rgb, x, error in progress(loaded, desc="infer", unit="img", enabled=show_progress, total=len(paths)):
+        for path, size, x, error in progress(loaded, desc="infer", unit="img", enabled=show_progress, total=len(paths)):
             if error is not None:
                 result.failed.append((str(path), error))
                 print(f"skipped: {error}", file=sys.stderr)
                 continue
-            if pending and pending[0][1].shape != rgb.shape:
+            if pending and pending[0][1] != size:
                 flush()  # batches hold images of one shape only
-            pending.append((path, rgb, x))
+            pending.append((path, size, x))
             if len(pending) >= batch_size:
                 flush()
         if pending:
