@@ -99,13 +99,16 @@ def main() -> None:
     print()
     cfg = TrainConfig(cache=[str(cache)], output_dir=str(work / "run_breakdown"), student_arch=args.student_arch,
                       batch_size=args.batch_size, num_workers=0, device=args.device, seed=0).validate()
-    phases, calls = step_breakdown(cfg, steps=max(3, args.steps // 4))
+    phases, calls, waits = step_breakdown(cfg, steps=max(3, args.steps // 4))
     total = sum(phases.values())
     print("a cached step, each phase timed alone (device synchronised around it), eager:")
     print("  " + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in phases.items())
           + f"; sum {1000 * total:.1f} ms = {1 / total:.2f} steps/s")
     print("  operator calls (~kernel launches): " + ", ".join(f"{k} {n}" for k, n in calls.items())
           + f"; sum {sum(calls.values())}")
+    print("  host waits for the device (.item(), boolean masks, copies to the host, ...): "
+          + (", ".join(f"{k} {n}" for k, n in waits.items() if n) or "none")
+          + " (train_step reads the terms once, after the optimizer)")
     load = data_worker_seconds(cfg, batches=max(4, args.steps // 4))
     print(f"one data worker: {1000 * load:.1f} ms per batch (read, decode, augment); "
           f"--num-workers {args.num_workers}: at most {args.num_workers / load:.1f} steps/s")
@@ -157,11 +160,11 @@ def data_worker_seconds(cfg, batches: int) -> float:
     return (time.perf_counter() - start) / batches
 
 
-def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
+def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
     """Seconds per phase of a cached training step (batch to device, student forward, losses,
     backward, clipping + optimizer), each timed alone with the device synchronised, the mean
     over ``steps`` steps after one warm-up step; and each phase's operator calls (about one
-    kernel launch each on a GPU), counted in the warm-up step. Where to look when a step is
+    kernel launch each on a GPU) and host waits for the device, counted in the warm-up step. Where to look when a step is
     slow: a phase whose time is its launches' (~10 us each on a GPU) is bound by the host."""
     import time
 
@@ -180,12 +183,13 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases = dict.fromkeys(("to device", "forward", "losses", "backward", "optimizer"), 0.0)
     calls = dict.fromkeys(phases, 0)
+    waits = dict.fromkeys(phases, 0)
 
     def timed(name, fn):
         if not counting:  # the warm-up step: count the operator calls instead
             with OperatorCalls() as counter:
                 out = fn()
-            calls[name] = counter.calls
+            calls[name], waits[name] = counter.calls, counter.host_waits
             return out
         sync()
         start = time.perf_counter()
@@ -212,7 +216,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int]]:
             optimizer.zero_grad(set_to_none=True)
 
         timed("optimizer", update)
-    return {k: v / steps for k, v in phases.items()}, calls
+    return {k: v / steps for k, v in phases.items()}, calls, waits
 
 
 if __name__ == "__main__":

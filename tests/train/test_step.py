@@ -1,0 +1,41 @@
+"""dad.train.loop.train_step: what one optimizer step asks of the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dad.models import build_depth_model
+from dad.train import normalization
+from dad.train.config import TrainConfig
+from dad.train.loop import DistillModule, build_optimizer, train_step
+from dad.utils.profiling import OperatorCalls
+from tests.conftest import TINY_JSON
+
+
+def _batch(b: int = 2, s: int = 28, feature_dim: int = 8) -> dict:
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[0, 0, 20, 20], [8, 0, 28, 20], [0, 8, 20, 28], [8, 8, 28, 28]], dtype=torch.float32)
+    return {"rgb": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
+            "jitter": 1 + 0.1 * torch.rand(b, 3, generator=g),
+            "depth_region": torch.rand(b, s, s, generator=g), "depth_patches": torch.rand(b, 4, s, s, generator=g),
+            "patch_boxes": boxes.expand(b, 4, 4), "region_side": torch.full((b,), float(s)),
+            "features": torch.randn(b, (s // 14) ** 2, feature_dim, generator=g)}
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-level (CPU)", "stacked (GPU)"])
+def test_a_step_makes_the_host_wait_for_the_device_only_to_read_its_results(stacked, monkeypatch):
+    # on a GPU every .item(), boolean mask, nonzero, ... drains the queue of kernels and leaves
+    # the device idle while the host launches the next ones; a step may wait once, for the
+    # loss terms and gradient norm it returns (a .tolist(), which CPUs do without an operator)
+    monkeypatch.setattr(normalization, "STACKED", stacked)
+    torch.manual_seed(0)
+    module = DistillModule(build_depth_model(TINY_JSON), feature_dim=8)
+    cfg = TrainConfig(student_arch=str(TINY_JSON), cache=["unused"], output_dir="unused", precision="fp32", device="cpu")
+    optimizer = build_optimizer(module, cfg)
+    before = [p.detach().clone() for p in module.parameters()]
+    with OperatorCalls() as step:
+        terms, applied = train_step(module, optimizer, [_batch(), _batch()], cfg, torch.device("cpu"))
+    assert applied and all(v > 0 for k, v in terms.items()), terms
+    assert step.host_waits == 0, step.waiting
+    assert any(not torch.equal(a, p) for a, p in zip(before, module.parameters()))
