@@ -73,7 +73,8 @@ def main() -> None:
 
     if args.simulate_forward_rate:
         simulate_teacher(Teacher, args.simulate_forward_rate)
-    # 1. forwards alone: the same number of views per image (1 region view + 4 patches), no I/O
+    # 1. forwards alone: the same number of views per image (1 region view + 4 patches), no I/O;
+    # as in the pipeline, a batch's outputs come to the host while the next batch runs
     teacher = Teacher(parse_teacher_specs([f"t={ckpt}"])[0], device)
     teacher.set_projection(64, 0)
     views = np.random.default_rng(0).integers(0, 255, (args.batch_size, args.size, args.size, 3), dtype=np.uint8)
@@ -82,12 +83,13 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    done = 0
+    done, in_flight = 0, None
     while done < args.images:
-        teacher.predict(views, patches, True)
-        done += args.batch_size
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        launched = teacher.launch_parts([views], [patches], True)
+        if in_flight is not None:
+            in_flight.arrays()
+        in_flight, done = launched, done + args.batch_size
+    in_flight.arrays()
     forward_rate = done / (time.perf_counter() - start)
 
     # 2. the whole pipeline, per format and RGB codec. Start-up (teacher load, worker processes,
@@ -133,19 +135,31 @@ def main() -> None:
 
 def simulate_teacher(teacher_cls, rate: float) -> None:
     """Replace the teachers' forwards by what the CPU side sees of a GPU doing ``rate`` images/s:
-    a wait with the GIL released, then outputs (those of one real forward per input shape, made
-    during start-up). What is left to measure is the pipeline's CPU side against that rate."""
-    real = teacher_cls.predict_parts
+    a device queue (a batch launched while another runs starts when that one ends), whose
+    outputs the host waits for with the GIL released; they are those of one real forward per
+    input shape, made during start-up. What is left to measure is the pipeline's CPU side
+    against that rate."""
+    real = teacher_cls.launch_parts
     made: dict = {}
+    device_free_at = [0.0]
 
-    def predict_parts(self, region_parts, patch_parts, features):
+    class Simulated:
+        def __init__(self, outputs, ready_at: float) -> None:
+            self.outputs, self.ready_at = outputs, ready_at
+
+        def arrays(self):
+            time.sleep(max(0.0, self.ready_at - time.perf_counter()))
+            return self.outputs
+
+    def launch_parts(self, region_parts, patch_parts, features):
         key = (tuple(a.shape for a in region_parts), tuple(a.shape for a in patch_parts), features)
         if key not in made:
-            made[key] = real(self, region_parts, patch_parts, features)
-        time.sleep(sum(len(a) for a in region_parts) / rate)
-        return made[key]
+            made[key] = real(self, region_parts, patch_parts, features).arrays()
+        start = max(time.perf_counter(), device_free_at[0])
+        device_free_at[0] = start + sum(len(a) for a in region_parts) / rate
+        return Simulated(made[key], device_free_at[0])
 
-    teacher_cls.predict_parts = predict_parts  # predict goes through it too
+    teacher_cls.launch_parts = launch_parts  # predict and predict_parts go through it too
 
 
 def codec_table(cache_dir: Path, samples: int = 8, repeat: int = 3) -> str:

@@ -340,31 +340,54 @@ def _batches(items: Iterable[PreparedImage], size: int) -> Iterator[list[Prepare
         yield batch
 
 
-def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool) -> list[CacheSample]:
-    """All teachers on all views of ``good`` -> one CacheSample per (image, region), holding the
-    pixels the teachers saw."""
+@dataclass
+class LaunchedBatch:
+    """A batch of prepared images whose teacher forwards are queued (``launch_batch``)."""
+
+    good: list[PreparedImage]
+    outputs: dict[str, Any]  # teacher name -> HostArrays of (region depth, patch depth, features)
+    features: bool
+    num_images: int  # the batch's images, skipped ones included
+
+    def samples(self) -> list[CacheSample]:
+        """One CacheSample per (image, region), holding the pixels the teachers saw; waits for
+        the device."""
+        good = self.good
+        num_regions = sum(len(g.region_views) for g in good)
+        num_patches = good[0].patches.shape[1]
+        outputs = {}
+        for name, pending in self.outputs.items():
+            d_region, d_patches, feats = pending.arrays()
+            outputs[name] = (d_region, d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:]), feats)
+        samples = []
+        row = 0
+        for g in good:
+            for r, plan in enumerate(g.plans):
+                samples.append(CacheSample(
+                    key=sample_key(g.key, plan.region_index), image_key=g.key, region_index=plan.region_index,
+                    image_size=g.image_size, region_box=plan.region_box_array(), patch_boxes=plan.patch_boxes_array(),
+                    rgb_region=g.region_views[r], rgb_patches=g.patches[r],
+                    depth_region={n: o[0][row] for n, o in outputs.items()},
+                    depth_patches={n: o[1][row] for n, o in outputs.items()},
+                    features={n: o[2][row] for n, o in outputs.items()} if self.features else {},
+                    notes=plan.notes,
+                ))
+                row += 1
+        return samples
+
+
+def launch_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool,
+                 num_images: int | None = None) -> LaunchedBatch:
+    """Queue all teachers' forwards on all views of ``good`` (one call per teacher)."""
     region_parts = [g.region_views for g in good]  # each (R, S, S, 3)
     patch_parts = [g.patches.reshape(-1, *g.patches.shape[2:]) for g in good]  # each (R * P, L, L, 3)
-    num_regions, num_patches = sum(len(r) for r in region_parts), good[0].patches.shape[1]
-    outputs = {}
-    for t in teachers:
-        d_region, d_patches, feats = t.predict_parts(region_parts, patch_parts, features)
-        outputs[t.name] = (d_region, d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:]), feats)
-    samples = []
-    row = 0
-    for g in good:
-        for r, plan in enumerate(g.plans):
-            samples.append(CacheSample(
-                key=sample_key(g.key, plan.region_index), image_key=g.key, region_index=plan.region_index,
-                image_size=g.image_size, region_box=plan.region_box_array(), patch_boxes=plan.patch_boxes_array(),
-                rgb_region=g.region_views[r], rgb_patches=g.patches[r],
-                depth_region={n: o[0][row] for n, o in outputs.items()},
-                depth_patches={n: o[1][row] for n, o in outputs.items()},
-                features={n: o[2][row] for n, o in outputs.items()} if features else {},
-                notes=plan.notes,
-            ))
-            row += 1
-    return samples
+    outputs = {t.name: t.launch_parts(region_parts, patch_parts, features) for t in teachers}
+    return LaunchedBatch(good, outputs, features, len(good) if num_images is None else num_images)
+
+
+def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool) -> list[CacheSample]:
+    """All teachers on all views of ``good`` -> one CacheSample per (image, region)."""
+    return launch_batch(good, teachers, features).samples()
 
 
 def _with_encoded_rgb(samples: list[CacheSample], good: list[PreparedImage]) -> list[RGBEncodedSample]:
@@ -469,32 +492,54 @@ def cache_teachers(
     sink = None
     clock = _TimeSplit()
     inputs = prepared_images(source, work, settings, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
+
+    def progressed(num_images: int, shard: int) -> None:
+        nonlocal after_first_batch
+        if after_first_batch is None:
+            after_first_batch = (time.perf_counter(), bar.count + num_images, time.process_time())
+            clock.reset()  # the split, like the steady rate, leaves start-up out
+            # Start-up made millions of long-lived objects (torch, the source's key list);
+            # every full garbage collection would walk them all, holding the GIL the
+            # teachers need (a large share of this process's GIL time in a py-spy profile)
+            gc.freeze()
+        bar.update(num_images, postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
+
+    def write(batch: LaunchedBatch, sink: _ShardSink, shard: int) -> None:
+        nonlocal samples_written, images_cached
+        with clock("teachers"):
+            samples = batch.samples()  # waits for the device
+        with clock("writer"):
+            for sample in _with_encoded_rgb(samples, batch.good):
+                sink.put(sample)
+                samples_written += 1
+        images_cached += len(batch.good)
+        progressed(batch.num_images, shard)
+
     try:
         prepared = clock.timed_iter(inputs, "input")
         for shard, items in groupby(prepared, key=lambda p: p.shard):
             sink = background.begin(shard, total_shards)
+            # one batch in flight: its outputs are collected after the next batch's forwards are
+            # queued, so the GPU computes while the host hands results to the writer and takes
+            # the next prepared images
+            in_flight: LaunchedBatch | None = None
             for batch in _batches(items, batch_size):
                 good = [p for p in batch if p.skipped is None]
                 for p in batch:
                     if p.skipped is not None:
                         sink.skipped.append(p.skipped)
                         skipped_all.append(p.skipped)
+                launched = None
                 if good:
                     with clock("teachers"):
-                        samples = samples_for_batch(good, teacher_objs, features)
-                    with clock("writer"):
-                        for sample in _with_encoded_rgb(samples, good):
-                            sink.put(sample)
-                            samples_written += 1
-                images_cached += len(good)
-                if after_first_batch is None:
-                    after_first_batch = (time.perf_counter(), bar.count + len(batch), time.process_time())
-                    clock.reset()  # the split, like the steady rate, leaves start-up out
-                    # Start-up made millions of long-lived objects (torch, the source's key list);
-                    # every full garbage collection would walk them all, holding the GIL the
-                    # teachers need (a large share of this process's GIL time in a py-spy profile)
-                    gc.freeze()
-                bar.update(len(batch), postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
+                        launched = launch_batch(good, teacher_objs, features, num_images=len(batch))
+                if in_flight is not None:
+                    write(in_flight, sink, shard)
+                if launched is None:
+                    progressed(len(batch), shard)
+                in_flight = launched
+            if in_flight is not None:
+                write(in_flight, sink, shard)
             with clock("writer"):
                 sink.end()
             sink = None

@@ -9,6 +9,8 @@ shapes, exactly as ``dad infer --arch``. Examples: ``large=depth_anything_v2_vit
 Forwards: all views of a batch of images of one size go through the teacher in one call (region
 views at S and patches at L share one call when S == L), under ``torch.no_grad`` and bf16
 autocast on CUDA, normalised exactly as ``dad infer`` (``dad.infer.normalize`` of pixels / 255).
+``launch_parts`` queues them and returns at once, so stage 1 keeps the GPU busy with the next
+batch while the host waits for this one's outputs.
 """
 
 from __future__ import annotations
@@ -85,6 +87,37 @@ def parse_teacher_specs(specs: Sequence[str | TeacherSpec]) -> list[TeacherSpec]
     return out
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        # from pageable memory a copy may wait for the GPU's queue to empty; from pinned memory
+        # it is queued like a kernel, behind the previous batch's forwards
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+class HostArrays:
+    """Device tensors on their way to the host. On CUDA they are copied into pinned memory
+    without blocking, so the host can queue the next batch's forwards before it waits for these
+    and the GPU does not idle between batches; ``arrays()`` waits for the copies. Elsewhere
+    they are copied at once. None entries stay None."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        self._done: torch.cuda.Event | None = None
+        if any(t is not None and t.is_cuda for t in tensors):
+            self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                          for t in tensors]
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = [None if t is None else t.cpu() for t in tensors]
+
+    def arrays(self) -> list[np.ndarray | None]:
+        if self._done is not None:
+            self._done.synchronize()
+        return [None if h is None else h.numpy() for h in self._host]
+
+
 class Teacher:
     """One teacher: its description for the cache header (cheap: no weights loaded when the
     checkpoint's architecture is known from ``:ARCH`` or dad metadata) and, on first use, the
@@ -133,11 +166,17 @@ class Teacher:
         float32 depth (M, L, L), and with ``features`` float16 reduced tokens (N, S/14, S/14, D)."""
         return self.predict_parts([region_views], [patches], features)
 
-    @torch.no_grad()
     def predict_parts(self, region_parts: Sequence[np.ndarray], patch_parts: Sequence[np.ndarray], features: bool
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``predict`` of the region views and patches given as several arrays each (e.g. one per
         image), joined on the device rather than copied together on the host first."""
+        return tuple(self.launch_parts(region_parts, patch_parts, features).arrays())
+
+    @torch.no_grad()
+    def launch_parts(self, region_parts: Sequence[np.ndarray], patch_parts: Sequence[np.ndarray], features: bool
+                     ) -> "HostArrays":
+        """``predict_parts`` without waiting for the device: the forwards are queued and their
+        outputs start on their way to the host; ``.arrays()`` of the result waits for them."""
         n, m = sum(len(a) for a in region_parts), sum(len(a) for a in patch_parts)
         size_s = region_parts[0].shape[1]
         size_l = next((a.shape[1] for a in patch_parts if len(a)), size_s)
@@ -152,13 +191,13 @@ class Teacher:
             if self._projection is None:
                 raise RuntimeError("set_projection() before predicting features")
             p = self.arch.patch_size
-            feats = project_tokens(tokens, self._projection, (size_s // p, size_s // p)).cpu().numpy()
-        return depth_region.cpu().numpy(), depth_patches.cpu().numpy(), feats
+            feats = project_tokens(tokens, self._projection, (size_s // p, size_s // p))
+        return HostArrays([depth_region, depth_patches, feats])
 
     def _forward(self, *views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over the concatenated view arrays (joined on the device: no host copy)."""
         model = self.model
-        parts = [torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=True) for v in views]
+        parts = [_to_device(v, self.device) for v in views]
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         x = normalize(x.permute(0, 3, 1, 2).float() / 255.0)
         with autocast_for(self.device):

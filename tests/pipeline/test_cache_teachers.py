@@ -346,7 +346,7 @@ def test_settings_that_differ_from_the_cache_are_refused(reference, image_dir, t
 
 def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_path, monkeypatch):
     out = tmp_path / "failing"
-    original = Teacher.predict_parts
+    original = Teacher.launch_parts
     calls = []
 
     def failing(self, *args, **kwargs):
@@ -355,11 +355,11 @@ def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_pa
             raise RuntimeError("simulated device failure")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Teacher, "predict_parts", failing)
+    monkeypatch.setattr(Teacher, "launch_parts", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         _run(image_dir, teachers, out, "zarr", batch_size=2)  # shards of 3 images: two batches each
     # shard 0 was complete and stays; nothing of shard 1 is visible; no writer thread is left behind
     assert [p.name for p in (out / "shards").glob("[0-9]*.json")] == ["000000.json"]
     assert not [t for t in threading.enumerate() if t.name == "dad-cache-writer"]
-    monkeypatch.setattr(Teacher, "predict_parts", original)
+    monkeypatch.setattr(Teacher, "launch_parts", original)
     assert _run(image_dir, teachers, out, "zarr")["finalized"]
