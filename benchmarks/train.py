@@ -108,7 +108,7 @@ def main() -> None:
           + f"; sum {sum(calls.values())}")
     print("  host waits for the device (.item(), boolean masks, copies to the host, ...): "
           + (", ".join(f"{k} {n}" for k, n in waits.items() if n) or "none")
-          + " (train_step reads the terms once, after the optimizer)")
+          + " (dad train reads each step's results one step later, with the next step queued)")
     load = data_worker_seconds(cfg, batches=max(4, args.steps // 4))
     print(f"one data worker: {1000 * load:.1f} ms per batch (read, decode, augment); "
           f"--num-workers {args.num_workers}: at most {args.num_workers / load:.1f} steps/s")

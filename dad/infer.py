@@ -22,6 +22,7 @@ from dad.models import IMAGENET_MEAN, IMAGENET_STD, DepthAnythingV2, load_depth_
 from dad.utils.images import list_images, load_rgb
 from dad.utils.parallel import ordered_map, usable_cpus
 from dad.utils.progress import progress
+from dad.utils.transfer import HostArrays
 
 SAVE_KINDS = ("npy", "png16", "color")
 
@@ -103,12 +104,21 @@ def predict_preprocessed(model: DepthAnythingV2, inputs: Sequence[torch.Tensor],
                          precision: str = "bf16") -> list[np.ndarray]:
     """``predict_batch`` of images already through ``preprocess`` (each (1, 3, h, w), one shape),
     resized back to ``size`` (H, W)."""
+    return list(launch_preprocessed(model, inputs, size, precision).arrays()[0])
+
+
+@torch.no_grad()
+def launch_preprocessed(model: DepthAnythingV2, inputs: Sequence[torch.Tensor], size: tuple[int, int],
+                        precision: str = "bf16") -> HostArrays:
+    """``predict_preprocessed`` without waiting for the device: ``.arrays()[0]`` of the result
+    is the (B, H, W) float32 disparity."""
     device = next(model.parameters()).device
-    x = torch.cat(list(inputs)).to(device)
+    x = torch.cat(list(inputs))
+    x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
     with autocast_for(device, precision):
         depth = model(x)
     depth = F.interpolate(depth[:, None].float(), size=tuple(size), mode="bilinear", align_corners=True)[:, 0]
-    return [d.cpu().numpy().astype(np.float32) for d in depth]
+    return HostArrays([depth])
 
 
 def predict_depth(model: DepthAnythingV2, rgb: np.ndarray, input_size: int = 518, precision: str = "bf16") -> np.ndarray:
@@ -221,20 +231,29 @@ def run_inference(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dad-infer") if workers else None
     saving: deque = deque()  # outputs being written, in input order
     pending: list[tuple[Path, tuple[int, int], torch.Tensor]] = []
+    # the batch on the device: its outputs are collected once the next batch is queued, so a
+    # GPU does not idle while the host hands them to the writers
+    in_flight: list[tuple[list[Path], HostArrays]] = []
 
     def collect(limit: int) -> None:
         while len(saving) > limit:
             result.written += saving.popleft().result()
 
-    def flush() -> None:
-        preds = predict_preprocessed(model, [x for _, _, x in pending], pending[0][1], precision)
-        for (p, _, _), d in zip(pending, preds):
-            if pool is None:
-                result.written += save_prediction(d, out_dir, stems[p], save)
-            else:
-                saving.append(pool.submit(save_prediction, d, out_dir, stems[p], save))
-        pending.clear()
+    def write_in_flight() -> None:
+        for batch_paths, launched in in_flight:
+            for p, d in zip(batch_paths, launched.arrays()[0]):
+                if pool is None:
+                    result.written += save_prediction(d, out_dir, stems[p], save)
+                else:
+                    saving.append(pool.submit(save_prediction, d, out_dir, stems[p], save))
+        in_flight.clear()
         collect(2 * workers)  # bounded: predictions wait in memory only a little
+
+    def flush() -> None:
+        launched = launch_preprocessed(model, [x for _, _, x in pending], pending[0][1], precision)
+        write_in_flight()
+        in_flight.append(([p for p, _, _ in pending], launched))
+        pending.clear()
 
     try:
         loaded = ordered_map(load, paths, pool, lookahead=2 * workers + batch_size)
@@ -250,6 +269,7 @@ def run_inference(
                 flush()
         if pending:
             flush()
+        write_in_flight()
         collect(0)
     finally:
         if pool is not None:

@@ -37,6 +37,7 @@ from dad.models import (
     resolve_arch,
 )
 from dad.pipeline.features import orthogonal_projection, project_tokens
+from dad.utils.transfer import HostArrays, to_device
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -85,37 +86,6 @@ def parse_teacher_specs(specs: Sequence[str | TeacherSpec]) -> list[TeacherSpec]
     if dupes:
         raise ConfigError(f"--teacher: the name(s) {', '.join(dupes)} are used twice; give each teacher its own NAME=CKPT")
     return out
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        # from pageable memory a copy may wait for the GPU's queue to empty; from pinned memory
-        # it is queued like a kernel, behind the previous batch's forwards
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-class HostArrays:
-    """Device tensors on their way to the host. On CUDA they are copied into pinned memory
-    without blocking, so the host can queue the next batch's forwards before it waits for these
-    and the GPU does not idle between batches; ``arrays()`` waits for the copies. Elsewhere
-    they are copied at once. None entries stay None."""
-
-    def __init__(self, tensors: Sequence[torch.Tensor | None]) -> None:
-        self._done: torch.cuda.Event | None = None
-        if any(t is not None and t.is_cuda for t in tensors):
-            self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                          for t in tensors]
-            self._done = torch.cuda.Event()
-            self._done.record()
-        else:
-            self._host = [None if t is None else t.cpu() for t in tensors]
-
-    def arrays(self) -> list[np.ndarray | None]:
-        if self._done is not None:
-            self._done.synchronize()
-        return [None if h is None else h.numpy() for h in self._host]
 
 
 class Teacher:
@@ -174,7 +144,7 @@ class Teacher:
 
     @torch.no_grad()
     def launch_parts(self, region_parts: Sequence[np.ndarray], patch_parts: Sequence[np.ndarray], features: bool
-                     ) -> "HostArrays":
+                     ) -> HostArrays:
         """``predict_parts`` without waiting for the device: the forwards are queued and their
         outputs start on their way to the host; ``.arrays()`` of the result waits for them."""
         n, m = sum(len(a) for a in region_parts), sum(len(a) for a in patch_parts)
@@ -197,7 +167,7 @@ class Teacher:
     def _forward(self, *views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over the concatenated view arrays (joined on the device: no host copy)."""
         model = self.model
-        parts = [_to_device(v, self.device) for v in views]
+        parts = [to_device(v, self.device) for v in views]
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         x = normalize(x.permute(0, 3, 1, 2).float() / 255.0)
         with autocast_for(self.device):

@@ -36,6 +36,7 @@ from dad.train.losses import (
     local_global_loss,
     shared_context_and_gradient_losses,
 )
+from dad.utils.transfer import HostArrays
 
 STATE_FILE = "train_state.pt"
 TERMS = ("loss_sc", "loss_lg", "loss_feat", "loss_grad")
@@ -193,13 +194,25 @@ class RunLogger:
 # the step
 
 
+class StepResult:
+    """A step's mean loss terms and whether its update was applied, on their way to the host:
+    reading them (``read()``) waits for the device, so the loop reads them a step late, with
+    the next step already queued, and the GPU does not idle while the host catches up."""
+
+    def __init__(self, terms_and_nonfinite: torch.Tensor) -> None:
+        self._values = HostArrays([terms_and_nonfinite.detach()])
+
+    def read(self) -> tuple[dict[str, float], bool]:
+        values = self._values.arrays()[0].tolist()
+        return dict(zip((*TERMS, "total"), values[:-1])), values[-1] == 0
+
+
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
-               cfg: TrainConfig, device: torch.device) -> tuple[dict[str, float], bool]:
-    """One optimizer step over ``grad_accum`` micro-batches. Returns the mean terms and whether
-    the update was applied (False: a non-finite loss or gradient norm; the step is skipped).
-    The host waits for the device once per step, for one small copy of the loss terms and the
-    gradient norm, so a GPU is not drained between forward, backward and clipping (each wait
-    leaves it idle while the host launches the next kernels)."""
+               cfg: TrainConfig, device: torch.device) -> StepResult:
+    """One optimizer step over ``grad_accum`` micro-batches. The update is skipped where a loss
+    term or the gradient norm is not finite (on every rank if one rank's is not). With a fused
+    optimizer (GPUs, CPUs) that decision is taken on the device, so the host never waits for
+    it: the fused update does nothing when told the step found a non-finite value."""
     optimizer.zero_grad(set_to_none=True)
     keys = (*TERMS, "total")
     sums = torch.zeros(len(keys), device=device)
@@ -214,18 +227,23 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
             terms = (compiled_losses() if cfg.compile else compute_losses)(depth, tokens, batch, cfg)
             (terms["total"] / len(micro_batches)).backward()  # a non-finite loss only spoils grads we drop
         sums += torch.stack([terms[k].detach().float() for k in keys]) / len(micro_batches)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm).float().reshape(1)
-                 if cfg.max_grad_norm > 0 else sums.new_zeros(1))
-    values = torch.cat([sums, grad_norm.to(sums.device)]).tolist()  # the one wait for the device
-    finite = all(np.isfinite(values))
+    checked = sums
+    if cfg.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        checked = torch.cat([sums, grad_norm.float().reshape(1).to(sums.device)])
+    nonfinite = (~torch.isfinite(checked).all()).float()
     if dist.is_initialized():  # every rank must agree to skip
-        flag = torch.tensor([1.0 if finite else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = bool(flag.item() > 0)
-    if finite:
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = nonfinite  # read by the fused update, as under torch.amp.GradScaler
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif nonfinite.item() == 0:  # other optimizers: the host decides, after waiting for the device
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(zip(keys, values[:-1])), finite
+    return StepResult(torch.cat([sums, nonfinite.reshape(1)]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,25 +398,20 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
     gc.freeze()
     window = _new_window()
     batches = iter(source)
-    while step < total_steps:
-        t_wait = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        window["wait"] += time.perf_counter() - t_wait
-        teacher = micro[0]["teacher"]
-        terms, applied = train_step(ddp_module, optimizer, micro, cfg, device)
-        with warnings.catch_warnings():
-            # a skipped step still uses its slot of the schedule (the lr follows the step count,
-            # so a resumed run agrees); torch warns about that when no update has happened yet
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            scheduler.step()
-        step += 1
-        window["samples"] += cfg.batch_size * cfg.grad_accum * info.world_size
+    # steps whose results are still on their way from the device: read a step late, except
+    # before logging, validating or checkpointing, which need the step's own results or weights
+    in_flight: list[tuple[int, StepResult]] = []
+    terms, applied = {}, True
+
+    def account(step_done: int, result: StepResult) -> tuple[dict[str, float], bool]:
+        nonlocal nonfinite_run
+        terms, applied = result.read()
         if not applied:
             nonfinite_run += 1
-            logger.info(f"step {step}: non-finite loss ({terms['total']}), update skipped ({nonfinite_run} in a row)")
+            logger.info(f"step {step_done}: non-finite loss ({terms['total']}), update skipped ({nonfinite_run} in a row)")
             if nonfinite_run >= cfg.max_nonfinite_steps:
                 raise DadError(
-                    f"{nonfinite_run} non-finite steps in a row at step {step}: lower --lr, use --precision fp32, "
+                    f"{nonfinite_run} non-finite steps in a row at step {step_done}: lower --lr, use --precision fp32, "
                     f"or check the cache with `dad cache-verify`"
                 )
         else:
@@ -406,7 +419,27 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
             for k, v in terms.items():
                 window["sums"][k] = window["sums"].get(k, 0.0) + v
             window["applied"] += 1
-        if step % cfg.log_interval == 0 or step == total_steps:
+        return terms, applied
+
+    while step < total_steps:
+        t_wait = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        window["wait"] += time.perf_counter() - t_wait
+        teacher = micro[0]["teacher"]
+        in_flight.append((step + 1, train_step(ddp_module, optimizer, micro, cfg, device)))
+        with warnings.catch_warnings():
+            # a skipped step still uses its slot of the schedule (the lr follows the step count,
+            # so a resumed run agrees); torch warns about that when no update has happened yet
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
+        step += 1
+        window["samples"] += cfg.batch_size * cfg.grad_accum * info.world_size
+        logging = step % cfg.log_interval == 0 or step == total_steps
+        saving = step % cfg.checkpoint_interval == 0 or step == total_steps
+        validating = bool(validator) and step % cfg.val_interval == 0
+        while len(in_flight) > (0 if logging or saving or validating else 1):
+            terms, applied = account(*in_flight.pop(0))
+        if logging:
             elapsed = time.perf_counter() - window["t0"]
             if window["applied"]:  # the loss terms averaged over the steps since the last line
                 terms = {k: v / window["applied"] for k, v in window["sums"].items()}
@@ -422,7 +455,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
                 f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait_frac']:.1f}%"
             )
             window = _new_window()
-        if validator and (step % cfg.val_interval == 0 or step == total_steps):
+        if validator and (validating or step == total_steps):
             for v in validator:
                 result = v.run(module.student)
                 logger.metric({"step": step, "val": v.name, **result})

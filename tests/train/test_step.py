@@ -26,8 +26,8 @@ def _batch(b: int = 2, s: int = 28, feature_dim: int = 8) -> dict:
 @pytest.mark.parametrize("stacked", [False, True], ids=["per-level (CPU)", "stacked (GPU)"])
 def test_a_step_makes_the_host_wait_for_the_device_only_to_read_its_results(stacked, monkeypatch):
     # on a GPU every .item(), boolean mask, nonzero, ... drains the queue of kernels and leaves
-    # the device idle while the host launches the next ones; a step may wait once, for the
-    # loss terms and gradient norm it returns (a .tolist(), which CPUs do without an operator)
+    # the device idle while the host launches the next ones: a step, the decision to skip a
+    # non-finite update included, must queue everything and wait for nothing
     monkeypatch.setattr(normalization, "STACKED", stacked)
     torch.manual_seed(0)
     module = DistillModule(build_depth_model(TINY_JSON), feature_dim=8)
@@ -35,7 +35,29 @@ def test_a_step_makes_the_host_wait_for_the_device_only_to_read_its_results(stac
     optimizer = build_optimizer(module, cfg)
     before = [p.detach().clone() for p in module.parameters()]
     with OperatorCalls() as step:
-        terms, applied = train_step(module, optimizer, [_batch(), _batch()], cfg, torch.device("cpu"))
+        result = train_step(module, optimizer, [_batch(), _batch()], cfg, torch.device("cpu"))
+    terms, applied = result.read()
     assert applied and all(v > 0 for k, v in terms.items()), terms
     assert step.host_waits == 0, step.waiting
     assert any(not torch.equal(a, p) for a, p in zip(before, module.parameters()))
+
+
+def test_a_nonfinite_step_leaves_weights_and_optimizer_state_as_they_were():
+    torch.manual_seed(0)
+    module = DistillModule(build_depth_model(TINY_JSON), feature_dim=8)
+    cfg = TrainConfig(student_arch=str(TINY_JSON), cache=["unused"], output_dir="unused", precision="fp32", device="cpu")
+    optimizer = build_optimizer(module, cfg)
+    assert train_step(module, optimizer, [_batch()], cfg, torch.device("cpu")).read()[1]
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    bad = _batch()
+    bad["depth_region"][0, 3, 3] = float("nan")
+    with OperatorCalls() as step:
+        result = train_step(module, optimizer, [bad], cfg, torch.device("cpu"))
+    assert step.host_waits == 0, step.waiting  # the skip is decided on the device
+    terms, applied = result.read()
+    assert not applied and terms["loss_sc"] != terms["loss_sc"]  # NaN
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
+    assert all(torch.equal(v, optimizer.state[p][k]) for p in optimizer.state for k, v in state[id(p)].items())
+    assert train_step(module, optimizer, [_batch()], cfg, torch.device("cpu")).read()[1]
+    assert int(next(iter(optimizer.state.values()))["step"]) == 2

@@ -1,0 +1,39 @@
+"""Host <-> device copies that do not make the host wait for the device."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``. To a GPU it goes from pinned memory: from pageable memory a
+    copy may wait for the GPU's queue to empty, from pinned memory it is queued like a kernel."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+class HostArrays:
+    """Device tensors on their way to the host. From a GPU they are copied into pinned memory
+    without blocking, so the host can queue more work before it waits for these and the GPU
+    does not idle meanwhile; ``arrays()`` waits for the copies. From elsewhere they are copied
+    at once. None entries stay None."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        self._done: torch.cuda.Event | None = None
+        if any(t is not None and t.is_cuda for t in tensors):
+            self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                          for t in tensors]
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = [None if t is None else t.detach().cpu() for t in tensors]
+
+    def arrays(self) -> list[np.ndarray | None]:
+        if self._done is not None:
+            self._done.synchronize()
+        return [None if h is None else h.numpy() for h in self._host]
