@@ -11,16 +11,7 @@ from dad.train.config import TrainConfig
 from dad.train.loop import DistillModule, build_optimizer, train_step
 from dad.utils.profiling import OperatorCalls
 from tests.conftest import TINY_JSON
-
-
-def _batch(b: int = 2, s: int = 28, feature_dim: int = 8) -> dict:
-    g = torch.Generator().manual_seed(0)
-    boxes = torch.tensor([[0, 0, 20, 20], [8, 0, 28, 20], [0, 8, 20, 28], [8, 8, 28, 28]], dtype=torch.float32)
-    return {"rgb": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
-            "jitter": 1 + 0.1 * torch.rand(b, 3, generator=g),
-            "depth_region": torch.rand(b, s, s, generator=g), "depth_patches": torch.rand(b, 4, s, s, generator=g),
-            "patch_boxes": boxes.expand(b, 4, 4), "region_side": torch.full((b,), float(s)),
-            "features": torch.randn(b, (s // 14) ** 2, feature_dim, generator=g)}
+from tests.train.helpers import tiny_training_batch
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["per-level (CPU)", "stacked (GPU)"])
@@ -35,7 +26,7 @@ def test_a_step_makes_the_host_wait_for_the_device_only_to_read_its_results(stac
     optimizer = build_optimizer(module, cfg)
     before = [p.detach().clone() for p in module.parameters()]
     with OperatorCalls() as step:
-        result = train_step(module, optimizer, [_batch(), _batch()], cfg, torch.device("cpu"))
+        result = train_step(module, optimizer, [tiny_training_batch(), tiny_training_batch()], cfg, torch.device("cpu"))
     terms, applied = result.read()
     assert applied and all(v > 0 for k, v in terms.items()), terms
     assert step.host_waits == 0, step.waiting
@@ -47,10 +38,10 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_state_as_they_were():
     module = DistillModule(build_depth_model(TINY_JSON), feature_dim=8)
     cfg = TrainConfig(student_arch=str(TINY_JSON), cache=["unused"], output_dir="unused", precision="fp32", device="cpu")
     optimizer = build_optimizer(module, cfg)
-    assert train_step(module, optimizer, [_batch()], cfg, torch.device("cpu")).read()[1]
+    assert train_step(module, optimizer, [tiny_training_batch()], cfg, torch.device("cpu")).read()[1]
     weights = {k: v.clone() for k, v in module.state_dict().items()}
     state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
-    bad = _batch()
+    bad = tiny_training_batch()
     bad["depth_region"][0, 3, 3] = float("nan")
     with OperatorCalls() as step:
         result = train_step(module, optimizer, [bad], cfg, torch.device("cpu"))
@@ -59,5 +50,5 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_state_as_they_were():
     assert not applied and terms["loss_sc"] != terms["loss_sc"]  # NaN
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
     assert all(torch.equal(v, optimizer.state[p][k]) for p in optimizer.state for k, v in state[id(p)].items())
-    assert train_step(module, optimizer, [_batch()], cfg, torch.device("cpu")).read()[1]
+    assert train_step(module, optimizer, [tiny_training_batch()], cfg, torch.device("cpu")).read()[1]
     assert int(next(iter(optimizer.state.values()))["step"]) == 2

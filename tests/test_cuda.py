@@ -1,0 +1,134 @@
+"""What runs only on a GPU: batches in flight, copies that do not block, the training step's
+decisions on the device. Skipped without CUDA (CI has none); `bash benchmarks/gpu.sh` runs these
+first on a GPU machine, before it measures anything. DAD_GPU_TESTS_ON_CPU=1 runs them on the CPU
+(their logic, not what they are for)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dad.data.synthetic import render_scene
+from dad.utils.profiling import OperatorCalls
+from dad.utils.transfer import HostArrays, to_device
+from tests.conftest import TINY_JSON
+from tests.train.helpers import tiny_training_batch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(DEVICE.type != "cuda" and not os.environ.get("DAD_GPU_TESTS_ON_CPU"),
+                                reason="needs a CUDA device")
+
+
+def _busy() -> torch.Tensor:
+    """Queue a few hundred ms of GPU work, so what follows runs while the GPU is busy."""
+    a = torch.randn(4096, 4096, device=DEVICE) if DEVICE.type == "cuda" else torch.randn(64, 64)
+    for _ in range(40):
+        a = torch.tanh(a @ a / 64)
+    return a
+
+
+def test_host_arrays_are_the_blocking_copy_and_wait_for_it():
+    x = torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024)
+    busy = _busy()
+    y = to_device(x.numpy(), DEVICE) * 2  # queued behind the busy work
+    with OperatorCalls() as launching:
+        pending = HostArrays([y, None, y.half()])
+    assert launching.host_waits == 0, launching.waiting
+    got, none, half = pending.arrays()
+    assert none is None and np.array_equal(got, 2 * x.numpy()) and np.array_equal(half, (2 * x).half().numpy())
+    busy.sum().item()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scenes")
+    for i in range(7):
+        rgb, _ = render_scene(900 + i, 60, 80)
+        Image.fromarray(rgb).save(folder / f"img_{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cuda_cache(tmp_path_factory, images, tiny_checkpoint) -> Path:
+    from dad.pipeline.cache_teachers import cache_teachers
+
+    out = tmp_path_factory.mktemp("cache") / "c"
+    summary = cache_teachers(images=str(images), teachers=[f"tiny={tiny_checkpoint}"], output=str(out), fmt="zarr",
+                             global_crop_size=42, local_crop_size=42, min_region=56, patches="2x2", feature_dim=8,
+                             shard_size=4, batch_size=2, device=DEVICE.type, num_workers=1, show_progress=False)
+    assert summary["finalized"] and summary["images_cached"] == 7
+    return out
+
+
+def test_stage1_batches_in_flight_keep_each_sample_with_its_own_outputs(cuda_cache, tiny_checkpoint):
+    from dad.cache import open_cache, verify_cache
+    from dad.pipeline.teachers import Teacher, parse_teacher_spec
+
+    assert verify_cache(cuda_cache, show_progress=False) == []
+    teacher = Teacher(parse_teacher_spec(f"tiny={tiny_checkpoint}"), DEVICE)
+    samples = list(open_cache(cuda_cache))
+    fresh = [teacher.predict(s.rgb_region[None], s.rgb_patches, features=False) for s in samples]
+    for i, s in enumerate(samples):
+        own = np.abs(s.depth_region["tiny"] - fresh[i][0][0]).max()
+        span = float(np.ptp(fresh[i][0][0]))
+        assert own < 0.02 * span, (s.key, own, span)  # bf16 in batches of other sizes: close, not equal
+        for j in range(len(samples)):  # and nearer its own image's outputs than any other's
+            if j != i:
+                assert own < np.abs(s.depth_region["tiny"] - fresh[j][0][0]).max()
+        np.testing.assert_allclose(s.depth_patches["tiny"], fresh[i][1], atol=0.02 * span)
+
+
+def test_a_training_step_waits_for_nothing_and_skips_a_nonfinite_update_on_the_device():
+    from dad.models import build_depth_model
+    from dad.train.config import TrainConfig
+    from dad.train.loop import DistillModule, build_optimizer, train_step
+
+    torch.manual_seed(0)
+    module = DistillModule(build_depth_model(TINY_JSON), feature_dim=8).to(DEVICE)
+    cfg = TrainConfig(student_arch=str(TINY_JSON), cache=["unused"], output_dir="unused", device=DEVICE.type).validate()
+    optimizer = build_optimizer(module, cfg)
+    assert optimizer.defaults["fused"]
+    assert train_step(module, optimizer, [tiny_training_batch()], cfg, DEVICE).read()[1]
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    bad = tiny_training_batch()
+    bad["depth_region"][0, 3, 3] = float("nan")
+    with OperatorCalls() as step:
+        skipped = train_step(module, optimizer, [bad], cfg, DEVICE)
+        applied = train_step(module, optimizer, [tiny_training_batch()], cfg, DEVICE)
+    assert step.host_waits == 0, step.waiting
+    assert skipped.read()[1] is False
+    terms, ok = applied.read()
+    assert ok and all(np.isfinite(v) for v in terms.values())
+    assert int(next(iter(optimizer.state.values()))["step"]) == 2  # the skipped step did not count
+    assert any(not torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
+
+
+def test_train_and_infer_on_cuda(cuda_cache, images, tmp_path):
+    import json
+
+    from dad.infer import predict_depth, run_inference
+    from dad.models import load_depth_model
+    from dad.train.config import TrainConfig
+    from dad.train.loop import train
+    from dad.utils.images import load_rgb
+
+    cfg = TrainConfig(cache=[str(cuda_cache)], output_dir=str(tmp_path / "run"), student_arch=str(TINY_JSON), batch_size=2,
+                      num_iterations=6, checkpoint_interval=3, log_interval=2, num_workers=1, device=DEVICE.type).validate()
+    summary = train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6] and all(np.isfinite(r["total"]) for r in lines)
+    final = Path(summary["final"])
+    out = tmp_path / "depth"
+    result = run_inference(final, [str(images)], out, input_size=56, save=("npy",), batch_size=3, device=DEVICE.type,
+                           show_progress=False)
+    assert len(result.written) == 7 and not result.failed
+    model = load_depth_model(final, device=DEVICE)
+    for path in sorted(images.glob("*.png")):
+        one = predict_depth(model, load_rgb(path), input_size=56)
+        batched = np.load(out / f"{path.stem}.npy")
+        assert np.abs(batched - one).max() <= 0.02 * max(float(np.ptp(one)), 1e-6), path.name
