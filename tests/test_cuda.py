@@ -47,9 +47,8 @@ def test_host_arrays_are_the_blocking_copy_and_wait_for_it():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("scenes")
-    for i in range(7):
-        rgb, _ = render_scene(900 + i, 60, 80)
-        Image.fromarray(rgb).save(folder / f"img_{i}.png")
+    for i in range(7):  # batches of 2 in shards of 4: full, partial and shard-closing batches
+        Image.fromarray(render_scene(900 + i, 60, 80)[0]).save(folder / f"img_{i}.png")
     return folder
 
 
@@ -58,9 +57,9 @@ def cuda_cache(tmp_path_factory, images, tiny_checkpoint) -> Path:
     from dad.pipeline.cache_teachers import cache_teachers
 
     out = tmp_path_factory.mktemp("cache") / "c"
+    grid = dict(global_crop_size=42, local_crop_size=42, min_region=56, patches="2x2", feature_dim=8)
     summary = cache_teachers(images=str(images), teachers=[f"tiny={tiny_checkpoint}"], output=str(out), fmt="zarr",
-                             global_crop_size=42, local_crop_size=42, min_region=56, patches="2x2", feature_dim=8,
-                             shard_size=4, batch_size=2, device=DEVICE.type, num_workers=1, show_progress=False)
+                             shard_size=4, batch_size=2, device=DEVICE.type, num_workers=1, show_progress=False, **grid)
     assert summary["finalized"] and summary["images_cached"] == 7
     return out
 
