@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -98,6 +98,46 @@ def compiled_losses():
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class StepBatches:
+    """The micro-batches of one step after another. On a GPU the next step's are copied to it
+    on a side stream while the current step computes (``prefetch`` after queuing a step): on
+    the compute stream the copies (some 30 MB a step at the paper's sizes) would hold up every
+    kernel behind them. Elsewhere the batches stay on the host and ``train_step`` moves them.
+    ``wait_seconds`` sums the time spent waiting for the data loader."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]], per_step: int, device: torch.device) -> None:
+        self.batches, self.per_step, self.device = batches, per_step, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready: list[dict[str, Any]] | None = None
+        self.wait_seconds = 0.0
+
+    def _fetch(self) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        micro = [next(self.batches) for _ in range(self.per_step)]
+        self.wait_seconds += time.perf_counter() - start
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                micro = [move_batch(b, self.device) for b in micro]
+        return micro
+
+    def take(self) -> list[dict[str, Any]]:
+        """This step's micro-batches, on the device once the compute stream reaches them."""
+        micro, self.ready = (self.ready if self.ready is not None else self._fetch()), None
+        if self.stream is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.stream)
+            for batch in micro:
+                for v in batch.values():
+                    if isinstance(v, torch.Tensor):
+                        v.record_stream(compute)  # freed memory is reused only after the step used it
+        return micro
+
+    def prefetch(self) -> None:
+        """Fetch the next step's micro-batches and start their copies (GPUs only)."""
+        if self.stream is not None and self.ready is None:
+            self.ready = self._fetch()
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
@@ -397,7 +437,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
     # garbage collector from walking them all at every full collection, a stall of the loop
     gc.freeze()
     window = _new_window()
-    batches = iter(source)
+    batches = StepBatches(iter(source), cfg.grad_accum, device)
     # steps whose results are still on their way from the device: read a step late, except
     # before logging, validating or checkpointing, which need the step's own results or weights
     in_flight: list[tuple[int, StepResult]] = []
@@ -422,11 +462,13 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
         return terms, applied
 
     while step < total_steps:
-        t_wait = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        window["wait"] += time.perf_counter() - t_wait
+        wait_before = batches.wait_seconds
+        micro = batches.take()
         teacher = micro[0]["teacher"]
         in_flight.append((step + 1, train_step(ddp_module, optimizer, micro, cfg, device)))
+        if step + 1 < total_steps:
+            batches.prefetch()
+        window["wait"] += batches.wait_seconds - wait_before
         with warnings.catch_warnings():
             # a skipped step still uses its slot of the schedule (the lr follows the step count,
             # so a resumed run agrees); torch warns about that when no update has happened yet
