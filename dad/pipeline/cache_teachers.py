@@ -450,6 +450,8 @@ def cache_teachers(
     log = (lambda msg: print(f"cache-teachers: {msg}", file=sys.stderr, flush=True)) if show_progress else (lambda msg: None)
     source = open_source(images)
     dev = _device_for(device, split)
+    if dev.type == "cuda":  # batches have one size (a few more where images were skipped): time the conv algorithms once
+        torch.backends.cudnn.benchmark = True
     teacher_objs = [Teacher(spec, dev) for spec in parse_teacher_specs(teachers)]
     if features:
         too_narrow = [t for t in teacher_objs if t.embed_dim < feature_dim]
