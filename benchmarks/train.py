@@ -68,7 +68,8 @@ def main() -> None:
         out = work / f"run_{mode}"
         shutil.rmtree(out, ignore_errors=True)
         common = dict(output_dir=str(out), student_arch=args.student_arch, batch_size=args.batch_size,
-                      num_iterations=args.steps, log_interval=1, checkpoint_interval=10**9, device=args.device,
+                      # a log line waits for the device: every step's would undo what the loop overlaps
+                      num_iterations=args.steps, log_interval=max(1, args.steps // 6), checkpoint_interval=10**9, device=args.device,
                       num_workers=args.num_workers, seed=0, compile=args.compile)
         if mode == "cache":
             cfg = TrainConfig(cache=[str(cache)], **common)
