@@ -22,7 +22,7 @@ import torch
 from dad.errors import ConfigError
 from dad.eval.datasets import EvalDataset, dataset_label, open_eval_dataset, parse_dataset_spec
 from dad.eval.metrics import MIN_ALIGNED_DISPARITY, evaluate_prediction, mean_metrics
-from dad.infer import predict_depth, resolve_device
+from dad.infer import predict_preprocessed, preprocess, resolve_device
 from dad.models import load_depth_model
 from dad.utils.parallel import ordered_map
 from dad.utils.progress import Progress
@@ -49,8 +49,8 @@ def evaluate_model(
     ``device`` None keeps the model where it is. With ``save_predictions`` each raw prediction
     (disparity before alignment, float32 at GT resolution) goes to ``DIR/<sample name>.npy``.
     The model is evaluated in eval mode and put back in the mode it came in. ``read_ahead``
-    threads read and decode the next samples (images, ground truth) while the model runs; 0
-    reads each in turn. The results are the same either way.
+    threads read, decode and resize the next samples (images, ground truth) while the model
+    runs; 0 reads each in turn. The results are the same either way.
     """
     if device is not None:
         model.to(resolve_device(device))
@@ -62,10 +62,15 @@ def evaluate_model(
     bar = Progress(len(dataset), desc=f"eval {label}", unit="img", enabled=show_progress)
     start = time.perf_counter()
     pool = ThreadPoolExecutor(read_ahead, thread_name_prefix="dad-eval-read") if read_ahead > 0 else None
+
+    def load(item: Any) -> tuple[Any, torch.Tensor]:
+        sample = dataset.load(item)
+        return sample, preprocess(sample.rgb, input_size)  # the resize is CPU work too: off the main thread
+
     try:
         with torch.no_grad():
-            for sample in ordered_map(dataset.load, dataset.items, pool, lookahead=2 * max(1, read_ahead)):
-                prediction = predict_depth(model, sample.rgb, input_size, precision)
+            for sample, x in ordered_map(load, dataset.items, pool, lookahead=2 * max(1, read_ahead)):
+                prediction = predict_preprocessed(model, [x], sample.rgb.shape[:2], precision)[0]
                 if save_dir is not None:
                     path = save_dir / f"{sample.name}.npy"
                     path.parent.mkdir(parents=True, exist_ok=True)
