@@ -5,7 +5,8 @@ the batches an uninterrupted one would, whatever the number of DataLoader worker
 - the order of samples in epoch e: a permutation seeded by (seed, e), cut into disjoint rank parts;
 - the teacher of step t: drawn with ``--teacher-probs`` from a generator seeded by (seed, t), one
   teacher for the whole batch (SPEC 4; the same on every rank);
-- flip and photometric jitter of a sample: seeded by (seed, step, slot).
+- flip and photometric jitter of a sample: seeded by (seed, step, micro-batch, slot, rank), so
+  the ranks of a DDP run augment their batches differently.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class BatchPlan:
     micro: int
     indices: tuple[int, ...]
     teacher: str
+    rank: int = 0
 
 
 class StepSampler:
@@ -121,7 +123,7 @@ class StepSampler:
             for micro in range(self.grad_accum):
                 b = in_epoch * self.grad_accum + micro
                 idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-                yield BatchPlan(step, micro, tuple(int(i) for i in idx), teacher)
+                yield BatchPlan(step, micro, tuple(int(i) for i in idx), teacher, self.rank)
             step += 1
 
 
@@ -184,7 +186,8 @@ def make_batch(samples: Sequence[CacheSample], plan: BatchPlan, seed: int, flip_
     so the cached and the online path produce the same batch from the same samples."""
     items = []
     for slot, sample in enumerate(samples):
-        rng = np.random.default_rng([seed, plan.step, plan.micro, slot, 0xA06])
+        # rank 0's key is the one single-process runs have always used (their batches stay the same)
+        rng = np.random.default_rng([seed, plan.step, plan.micro, slot, 0xA06, *([plan.rank] if plan.rank else [])])
         items.append(augment_sample(sample, plan.teacher, rng, flip_prob, color_jitter, want_features))
     batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0]}
     batch.update(teacher=plan.teacher, step=plan.step, micro=plan.micro)

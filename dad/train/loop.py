@@ -141,7 +141,9 @@ class StepBatches:
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to the base rate, then linear decay to 0 at the last step."""
+    """The factor of the base rate for 0-based ``step``: a linear warm-up reaching 1 at step
+    ``warmup - 1`` (no step at rate 0), then a linear decay from 1 at step ``warmup`` that would
+    reach 0 at step ``total`` (the last step, ``total - 1``, runs at 1 / (total - warmup))."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -267,13 +269,17 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
             terms = (compiled_losses() if cfg.compile else compute_losses)(depth, tokens, batch, cfg)
             (terms["total"] / len(micro_batches)).backward()  # a non-finite loss only spoils grads we drop
         sums += torch.stack([terms[k].detach().float() for k in keys]) / len(micro_batches)
-    checked = sums
     if cfg.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-        checked = torch.cat([sums, grad_norm.float().reshape(1).to(sums.device)])
-    nonfinite = (~torch.isfinite(checked).all()).float()
-    if dist.is_initialized():  # every rank must agree to skip
-        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+    else:  # not clipped, but a finite loss with overflowing gradients must not be applied either
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+    nonfinite = (~torch.isfinite(torch.cat([sums, grad_norm.float().reshape(1).to(sums.device)])).all()).float()
+    if dist.is_initialized():
+        # one all-reduce: the logged terms become the mean over all ranks' batches, and a
+        # non-finite value on any rank makes every rank skip
+        packed = torch.cat([sums, nonfinite.reshape(1)])
+        dist.all_reduce(packed)
+        sums, nonfinite = packed[:-1] / dist.get_world_size(), (packed[-1] > 0).float()
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = nonfinite  # read by the fused update, as under torch.amp.GradScaler
         try:
@@ -386,7 +392,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
                               f"{str(e).splitlines()[0] if str(e) else ''}); start a new --output-dir, or delete it and re-run without --resume") from None
     elif cfg.resume:
         logger.info(f"--resume: no {STATE_FILE} in {out_dir}; starting from step 0")
-    elif info.is_main and (out_dir / STATE_FILE).exists():
+    elif (out_dir / STATE_FILE).exists():  # on every rank (they share the directory), or the others would hang
         raise ConfigError(f"--output-dir {out_dir} holds a training run; add --resume to continue it or pick a new directory")
     start_step = int(state["step"]) if state else 0
 
@@ -431,7 +437,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
             f"training {student.config.name} student for {total_steps} steps ({source.describe()}), "
             f"world size {info.world_size}, device {device}, start step {start_step}"
         )
-    nonfinite_run = 0
+    nonfinite_run = int(state.get("nonfinite_run", 0)) if state else 0  # skipped steps in a row, across a resume
     step = start_step
     # the objects of start-up (torch, the model, the cache index) live to the end: keep the
     # garbage collector from walking them all at every full collection, a stall of the loop
@@ -483,10 +489,11 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
             terms, applied = account(*in_flight.pop(0))
         if logging:
             elapsed = time.perf_counter() - window["t0"]
+            lr = cfg.lr * lr_lambda(step - 1, cfg.warmup_steps, total_steps)  # the head's, in this step
             if window["applied"]:  # the loss terms averaged over the steps since the last line
                 terms = {k: v / window["applied"] for k, v in window["sums"].items()}
             record = {
-                "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": scheduler.get_last_lr()[-1],
+                "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": lr, "lr_encoder": lr * cfg.encoder_lr_mult,
                 "teacher": teacher, "samples_per_s": round(window["samples"] / max(elapsed, 1e-9), 3),
                 "data_wait_frac": round(window["wait"] / max(elapsed, 1e-9), 4), "skipped": not applied,
             }
@@ -506,7 +513,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
             if info.is_main:
                 extra = {"step": step, "train_config": cfg.to_dict()}
                 save_depth_model(module.student, out_dir / f"student_checkpoint_{step}.safetensors", extra=extra)
-                save_training_state(out_dir, step, module, optimizer, scheduler, {"config": cfg.to_dict()})
+                save_training_state(out_dir, step, module, optimizer, scheduler,
+                                    {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run})
                 if cfg.keep_checkpoints:
                     prune_checkpoints(out_dir, cfg.keep_checkpoints)
             if dist.is_initialized():

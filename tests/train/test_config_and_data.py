@@ -72,6 +72,19 @@ def test_sampler_is_disjoint_across_ranks_and_resumable():
     assert len(epoch) == len(set(epoch)) == 16
     resumed = list(StepSampler(rank=0, world_size=2, start_step=5, **kw))
     assert resumed == [p for p in r0 if p.step >= 5]
+    assert {p.rank for p in r0} == {0} and {p.rank for p in r1} == {1}
+
+
+def test_ranks_augment_the_same_slot_differently():
+    # the same step, micro-batch and slot on two ranks must not share their flip and jitter
+    from dad.train.data import BatchPlan, make_batch
+
+    samples = [_sample()] * 4
+    jitter = {rank: make_batch(samples, BatchPlan(7, 0, (0, 1, 2, 3), "t", rank), 0, 0.5, 0.4, False)["jitter"]
+              for rank in (0, 1)}
+    assert not torch.equal(jitter[0], jitter[1])
+    again = make_batch(samples, BatchPlan(7, 0, (0, 1, 2, 3), "t", 1), 0, 0.5, 0.4, False)["jitter"]
+    assert torch.equal(again, jitter[1])
 
 
 def test_sampler_reads_each_teachers_own_pool():

@@ -52,3 +52,20 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_state_as_they_were():
     assert all(torch.equal(v, optimizer.state[p][k]) for p in optimizer.state for k, v in state[id(p)].items())
     assert train_step(module, optimizer, [tiny_training_batch()], cfg, torch.device("cpu")).read()[1]
     assert int(next(iter(optimizer.state.values()))["step"]) == 2
+
+
+def test_nonfinite_gradients_are_skipped_without_clipping_too():
+    # --max-grad-norm 0: nothing is clipped, but a finite loss whose gradients overflow (a bf16
+    # backward, say) must still not reach the weights
+    torch.manual_seed(0)
+    module = DistillModule(build_depth_model(TINY_JSON), feature_dim=8)
+    cfg = TrainConfig(student_arch=str(TINY_JSON), cache=["unused"], output_dir="unused", precision="fp32", device="cpu",
+                      max_grad_norm=0.0)
+    optimizer = build_optimizer(module, cfg)
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    hook = module.student.depth_head.scratch.output_conv2[0].weight.register_hook(lambda g: g * float("inf"))
+    terms, applied = train_step(module, optimizer, [tiny_training_batch()], cfg, torch.device("cpu")).read()
+    assert all(v == v and abs(v) != float("inf") for v in terms.values()) and not applied
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
+    hook.remove()
+    assert train_step(module, optimizer, [tiny_training_batch()], cfg, torch.device("cpu")).read()[1]

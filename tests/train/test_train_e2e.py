@@ -302,6 +302,9 @@ def test_logged_losses_are_means_over_the_log_interval(tmp_path, cache):
     per_step = [json.loads(line) for line in (every / "metrics.jsonl").read_text().splitlines()]
     per_two = [json.loads(line) for line in (pairs / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in per_two] == [2, 4]
+    # the head's learning rate of the step logged (lr 5e-4, no warm-up, 4 steps), the encoder's 0.1x
+    assert [r["lr"] for r in per_step] == pytest.approx([5e-4, 5e-4 * 3 / 4, 5e-4 / 2, 5e-4 / 4])
+    assert [r["lr_encoder"] for r in per_step] == pytest.approx([5e-5, 5e-5 * 3 / 4, 5e-5 / 2, 5e-5 / 4])
     for rec, (a, b) in zip(per_two, [per_step[0:2], per_step[2:4]]):
         for key in ("total", "loss_sc", "loss_lg", "loss_grad"):
             assert rec[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-4, abs=1e-6), key
