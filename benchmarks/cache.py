@@ -70,7 +70,6 @@ def main() -> None:
     ckpt = (Path(args.teacher_checkpoint) if args.teacher_checkpoint
             else save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors"))
     device = resolve_device(args.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # as cache_teachers sets it, for both rows
 
     if args.simulate_forward_rate:
         simulate_teacher(Teacher, args.simulate_forward_rate)

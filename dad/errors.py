@@ -22,3 +22,9 @@ class CacheError(DadError):
 
 class DataError(DadError):
     """An input image or dataset file is missing or malformed."""
+
+
+class StorageError(DadError):
+    """Reading an input failed in a way that says nothing about the input (an I/O error, a
+    stale network file handle, too many open files): the job stops rather than record the input
+    as bad, and a re-run resumes once the storage is healthy."""

@@ -127,6 +127,29 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists, atomically: readers never see a part,
+    and of racing creators exactly one wins. Returns whether this call created it. (A hard link
+    of a fully written temporary file; where the file system has none, a plain atomic write
+    once the file is seen missing.)"""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        write_file(tmp, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some FUSE or object-store mounts)
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return True
+
+
 class ReadOnlyFile:
     """A read-only descriptor for ``pread``; closed by ``close()`` or when garbage-collected, so
     a reader evicted from a cache while another thread still uses it stays valid."""

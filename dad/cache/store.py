@@ -30,6 +30,7 @@ from dad.cache.layout import (
     MANIFEST,
     SHARDS,
     canonical_json,
+    create_exclusive,
     combined_checksum,
     first_difference,
     fsync_dir,
@@ -71,6 +72,16 @@ def _remove(path: Path) -> None:
 # writing
 
 
+def _identity(part: str, value: Any) -> Any:
+    """What must agree between two runs into one cache: everything but where each teacher's
+    checkpoint file was found (a relative path from another folder is the same teacher; its
+    SHA-256 says whether the weights are the same)."""
+    if part == "header" and isinstance(value, dict) and isinstance(value.get("teachers"), list):
+        value = {**value, "teachers": [{k: v for k, v in t.items() if k != "checkpoint"} if isinstance(t, dict) else t
+                                       for t in value["teachers"]]}
+    return value
+
+
 class CacheWriter:
     """Creates a cache or re-opens one made with the same configuration; writes whole work
     shards atomically (see the module docstring). Independent jobs may share a cache as long as
@@ -100,15 +111,16 @@ class CacheWriter:
         (self.root / SHARDS).mkdir(parents=True, exist_ok=True)
         manifest_path = self.root / MANIFEST
         if not manifest_path.exists():
-            # racing jobs write identical bytes, so whichever rename lands last changes nothing
-            write_atomic(manifest_path, canonical_json({**self._base, "complete": False}))
+            # of racing jobs one creates it; the others (same settings or not) compare with it
+            create_exclusive(manifest_path, canonical_json({**self._base, "complete": False}))
         existing = read_manifest(self.root)
         for part in ("format", "header", "encoding"):  # the most telling difference first
-            diff = first_difference(existing.get(part), self._base[part], part)
+            diff = first_difference(_identity(part, existing.get(part)), _identity(part, self._base[part]), part)
             if diff:
                 break
         if diff:
-            raise CacheError(f"{self.root}: exists with a different configuration ({diff}); use a new --output or delete it")
+            raise CacheError(f"{self.root}: exists with a different configuration ({diff}); pass the settings it was "
+                             f"made with (`dad cache-info {self.root}` lists them), or write to a new --output")
 
     def _encoder_pool(self) -> ThreadPoolExecutor | None:
         if self.encode_workers <= 1:
@@ -143,9 +155,12 @@ class CacheWriter:
                     skipped: Sequence[SkippedInput]) -> dict[str, Any]:
         """Consume ``samples`` in order, store them and publish the shard; returns its record.
         If ``samples`` raises, nothing of the shard becomes visible and the error propagates.
-        A sample may come with its RGB already encoded (``RGBEncodedSample``)."""
+        A sample may come with its RGB already encoded (``RGBEncodedSample``). Redoing a shard
+        of a finished cache marks the cache unfinished until ``finalize()``."""
         k = self._check_shard(shard_index)
         shards = self.root / SHARDS
+        if read_manifest(self.root).get("complete"):  # a shard of a finished cache is redone: not complete meanwhile
+            write_atomic(self.root / MANIFEST, canonical_json({**self._base, "complete": False}))
         if record_path(self.root, k).exists():  # re-writing a complete shard: hide it meanwhile
             record_path(self.root, k).unlink()
             fsync_dir(shards)

@@ -66,8 +66,8 @@ FEATURE_SEED = 0  # seed of the orthogonal feature projection (recorded in the h
 class WorkSplit:
     num_parts: int
     part_index: int
-    source: str  # "flags", "slurm-array", "torchrun" or "single"
-    local_rank: int | None = None
+    source: str  # "flags" or "slurm-array", and/or "torchrun" or "srun"; or "single"
+    local_rank: int | None = None  # this process's GPU on its node, when processes share a node
 
     def owns(self, shard: int) -> bool:
         return shard % self.num_parts == self.part_index
@@ -83,17 +83,14 @@ def _env_int(env: dict[str, str], name: str, default: int | None = None) -> int 
         raise ConfigError(f"environment variable {name}={value!r} is not an integer; unset it or pass --num-shards/--shard-index") from None
 
 
-def resolve_work_split(num_parts: int | None = None, part_index: int | None = None,
-                       environ: dict[str, str] | None = None) -> WorkSplit:
-    """Which part of the work this job does: flags, else SLURM array, else torchrun, else all."""
-    env = dict(os.environ if environ is None else environ)
-    local_rank = _env_int(env, "LOCAL_RANK")
+def _job_part(num_parts: int | None, part_index: int | None, env: dict[str, str]) -> tuple[int, int, str] | None:
+    """The job's part of the work: ``--num-shards/--shard-index``, else a SLURM array task."""
     if num_parts is not None or part_index is not None:
         if num_parts is None or part_index is None:
             raise ConfigError("--num-shards and --shard-index go together: K parts of the work and this job's part I in [0, K)")
         if num_parts < 1 or not 0 <= part_index < num_parts:
             raise ConfigError(f"--num-shards {num_parts} --shard-index {part_index}: need K >= 1 and 0 <= I < K")
-        return WorkSplit(num_parts, part_index, "flags", local_rank)
+        return num_parts, part_index, "flags"
     if env.get("SLURM_ARRAY_TASK_ID"):
         task = _env_int(env, "SLURM_ARRAY_TASK_ID")
         count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
@@ -107,22 +104,58 @@ def resolve_work_split(num_parts: int | None = None, part_index: int | None = No
                 f"SLURM array task {task} (min {lo}, step {step}, count {count}) is not one of a contiguous range; "
                 "use --array=0-(K-1) or pass --num-shards K --shard-index I"
             )
-        return WorkSplit(count, index, "slurm-array", local_rank)
+        return count, index, "slurm-array"
+    return None
+
+
+def _process_in_job(env: dict[str, str]) -> tuple[int, int, str, int | None] | None:
+    """This process among the job's processes running the same command side by side: torchrun's
+    ranks (WORLD_SIZE/RANK/LOCAL_RANK), else the tasks of one multi-task srun step
+    (SLURM_STEP_NUM_TASKS/SLURM_PROCID/SLURM_LOCALID; a batch script's own SLURM_NTASKS does not
+    count: the script runs once)."""
     if env.get("WORLD_SIZE") and env.get("RANK"):
         world, rank = _env_int(env, "WORLD_SIZE"), _env_int(env, "RANK")
         if world < 1 or not 0 <= rank < world:
             raise ConfigError(f"WORLD_SIZE={world} RANK={rank} from the launcher are inconsistent; pass --num-shards/--shard-index")
-        return WorkSplit(world, rank, "torchrun", local_rank)
-    return WorkSplit(1, 0, "single", local_rank)
+        return world, rank, "torchrun", _env_int(env, "LOCAL_RANK")
+    tasks = _env_int(env, "SLURM_STEP_NUM_TASKS")
+    if tasks is not None and tasks > 1 and env.get("SLURM_PROCID"):
+        rank = _env_int(env, "SLURM_PROCID")
+        if not 0 <= rank < tasks:
+            raise ConfigError(f"SLURM_STEP_NUM_TASKS={tasks} SLURM_PROCID={rank} are inconsistent; pass --num-shards/--shard-index")
+        return tasks, rank, "srun", _env_int(env, "SLURM_LOCALID")
+    return None
+
+
+def resolve_work_split(num_parts: int | None = None, part_index: int | None = None,
+                       environ: dict[str, str] | None = None) -> WorkSplit:
+    """Which part of the work this process does. The job's part (flags, else a SLURM array
+    task) is split further among the processes of the job (torchrun ranks or srun tasks), so
+    an array of multi-GPU jobs never has two processes on one shard: part I of K, process r of
+    W does the shards k with k % (K * W) == I + K * r (together: k % K == I)."""
+    env = dict(os.environ if environ is None else environ)
+    part = _job_part(num_parts, part_index, env)
+    process = _process_in_job(env)
+    if part is None and process is None:
+        return WorkSplit(1, 0, "single")
+    if process is None:
+        return WorkSplit(part[0], part[1], part[2])
+    world, rank, launcher, local_rank = process
+    if part is None:
+        return WorkSplit(world, rank, launcher, local_rank)
+    k, i, where = part
+    return WorkSplit(k * world, i + k * rank, f"{where}+{launcher}", local_rank)
 
 
 def _device_for(device: str, split: WorkSplit) -> torch.device:
     dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None and split.local_rank is not None and split.source == "torchrun":
+    if dev.type == "cuda" and dev.index is None and split.local_rank is not None:
         if split.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={split.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                              "start torchrun with --nproc-per-node <= the GPU count")
+            raise ConfigError(f"local rank {split.local_rank} ({split.source}) but only {torch.cuda.device_count()} GPU(s) "
+                              "are visible; start as many processes per node as GPUs at most")
         dev = torch.device("cuda", split.local_rank)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" would not compare equal to the weights' "cuda:0"
+        dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cuda" and dev.index is not None:  # set_device rejects a bare "cuda"
         torch.cuda.set_device(dev)
     return dev
@@ -302,13 +335,18 @@ class _BackgroundWriter:
 
     def abort(self, sink: "_ShardSink | None") -> None:
         """Stop without publishing the shard in progress (shards already ended still finish)."""
-        if sink is not None and self._thread.is_alive():
-            try:
-                sink.queue.put(_ABORT, timeout=5.0)
-            except queue.Full:
-                pass
+        if sink is not None:
+            # the main thread is the queue's only producer: emptied, it has room for the stop
+            # mark, which must not be lost (the writer would wait for more samples for ever)
+            while True:
+                try:
+                    sink.queue.get_nowait()
+                except queue.Empty:
+                    break
+            sink.queue.put_nowait(_ABORT)
         self._jobs.put(None)
-        self._thread.join(timeout=60.0)
+        while self._thread.is_alive():  # ended shards are written out; a second Ctrl-C stops waiting
+            self._thread.join(timeout=0.5)
 
 
 @dataclass
@@ -450,8 +488,6 @@ def cache_teachers(
     log = (lambda msg: print(f"cache-teachers: {msg}", file=sys.stderr, flush=True)) if show_progress else (lambda msg: None)
     source = open_source(images)
     dev = _device_for(device, split)
-    if dev.type == "cuda":  # batches have one size (a few more where images were skipped): time the conv algorithms once
-        torch.backends.cudnn.benchmark = True
     teacher_objs = [Teacher(spec, dev) for spec in parse_teacher_specs(teachers)]
     if features:
         too_narrow = [t for t in teacher_objs if t.embed_dim < feature_dim]
@@ -551,6 +587,7 @@ def cache_teachers(
         raise
     finally:
         inputs.close()  # stops the preparation workers
+        gc.unfreeze()  # frozen after the first batch; a caller going on needs them collectable
         bar.close()
 
     finalized = writer.finalize()

@@ -24,7 +24,7 @@ from PIL import Image
 
 from dad.cache.codecs import decode_rgb, encode_rgb, rgb_is_lossless
 from dad.cache.schema import SkippedInput
-from dad.errors import DataError
+from dad.errors import DataError, StorageError
 from dad.pipeline.grid import RegionPlan, extract_views, plan_regions
 from dad.pipeline.sources import ImageSource
 from dad.utils.images import load_rgb
@@ -66,6 +66,8 @@ def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int
     except DataError as e:
         out.skipped = SkippedInput(key, _reason(str(e)))
         return out
+    except StorageError:
+        raise  # not the input's fault: stop, so a re-run reads it again
     except (Image.DecompressionBombError, MemoryError) as e:
         out.skipped = SkippedInput(key, _reason(f"{key}: too large to decode ({e})"))
         return out

@@ -20,14 +20,23 @@ import glob
 import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from dad.errors import DataError
+from dad.errors import DataError, StorageError
 from dad.utils.images import IMAGE_EXTENSIONS, is_paired_depth_map
+
+READ_ATTEMPTS = 3  # tries of a read that failed with an OS error other than missing / not permitted
+
+
+class _TransientReadError(Exception):
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
@@ -90,7 +99,24 @@ class ImageSource:
         else:
             self._refs = state["refs"]
 
-    def read(self, index: int) -> bytes:
+    def read(self, index: int, attempts: int = READ_ATTEMPTS) -> bytes:
+        """The input's bytes. Missing, unreadable (permissions) and cut-short inputs raise
+        DataError (the input is bad: skipped and recorded); other OS errors (EIO, ESTALE,
+        EMFILE, timeouts of network file systems) are retried, then raise StorageError, which
+        stops the job instead of recording a good image as bad for good."""
+        for attempt in range(attempts):
+            try:
+                return self._read_once(index)
+            except _TransientReadError as e:
+                if attempt == attempts - 1:
+                    raise StorageError(
+                        f"{self.keys[index]}: reading {_where(self._refs[index])} failed {attempts} times ({e.error}); the run "
+                        "stops here so the input is not recorded as bad: re-run the same command once the storage is healthy"
+                    ) from None
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _read_once(self, index: int) -> bytes:
         ref, key = self._refs[index], self.keys[index]
         try:
             if isinstance(ref, _FileRef):
@@ -104,8 +130,10 @@ class ImageSource:
             return data
         except FileNotFoundError:
             raise DataError(f"{key}: file not found ({_where(ref)})") from None
-        except (IsADirectoryError, PermissionError, OSError) as e:
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
             raise DataError(f"{key}: cannot read {_where(ref)} ({e})") from None
+        except OSError as e:
+            raise _TransientReadError(e) from None
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         """(key, bytes) in key order; for small sources and tests (stage 1 reads by index)."""

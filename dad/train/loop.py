@@ -377,6 +377,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         return _train(cfg, info, device, out_dir, logger, make_batch_source)
     finally:
+        gc.unfreeze()  # the loop froze start-up's objects; a caller going on needs them collectable
         logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -78,7 +78,8 @@ def test_without_features_and_rewriting_a_complete_shard(tmp_path, fmt):
         np.testing.assert_array_equal(got.rgb_region, codecs.roundtrip_rgb(ref.rgb_region, "jpeg95"))
     assert cache_info(tmp_path / "c")["feature_bytes_per_value"] is None
     writer.write_shard(0, shard_samples(header, 0, features=False), shard_skipped(header, 0))  # same content again
-    assert tree_bytes(tmp_path / "c") == before
+    assert not json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"]  # until finalize says so
+    assert writer.finalize() and tree_bytes(tmp_path / "c") == before
 
 
 def test_both_formats_decode_identical_values(tmp_path):
@@ -221,7 +222,7 @@ def test_existing_cache_with_another_configuration_is_refused(tmp_path, change, 
         other["config"] = {**header["config"], "rgb_codec": change["rgb_codec"]}
     with pytest.raises(CacheError, match=r"exists with a different configuration \(" + field.replace(".", r"\.")) as e:
         create_cache_writer(tmp_path / "c", "zarr", other)
-    assert "use a new --output or delete it" in str(e.value) and "\n" not in str(e.value)
+    assert "pass the settings it was made with (`dad cache-info" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_other_teacher_or_format_is_refused(tmp_path):
@@ -231,6 +232,9 @@ def test_other_teacher_or_format_is_refused(tmp_path):
     teachers[1]["sha256"] = "f" * 64
     with pytest.raises(CacheError, match=r"header\.teachers\[1\]\.sha256"):
         create_cache_writer(tmp_path / "c", "zarr", {**header, "teachers": teachers})
+    # the same weights found under another path (a relative path from another folder) are the same teacher
+    moved = [{**t, "checkpoint": f"/elsewhere/{t['name']}.pth"} for t in header["teachers"]]
+    create_cache_writer(tmp_path / "c", "zarr", {**header, "teachers": moved})
     with pytest.raises(CacheError, match=r"\(format: \"zarr\" vs \"webdataset\"\)"):
         create_cache_writer(tmp_path / "c", "webdataset", header)
 
@@ -443,3 +447,29 @@ def test_pre_encoded_rgb_of_the_wrong_size_or_codec_is_refused(tmp_path):
     with pytest.raises(CacheError, match=r"rgb_region is a JPEG RGB image .* needs PNG RGB .*--rgb-codec png"):
         writer.write_shard(0, iter(samples), [])
     assert not writer.is_complete(0) and not leftover_temps(tmp_path / "c")
+
+
+def test_redoing_a_shard_of_a_finished_cache_unfinishes_it_meanwhile(tmp_path):
+    header = make_header()
+    writer = write_cache(tmp_path / "c", "zarr", header)
+    manifest = tmp_path / "c" / "manifest.json"
+    assert json.loads(manifest.read_text())["complete"]
+    (tmp_path / "c" / "shards" / "000001.json").unlink()  # the documented way to have a shard redone
+    seen = []
+
+    def samples():
+        seen.append(json.loads(manifest.read_text())["complete"])  # what a reader sees mid-write
+        yield from shard_samples(header, 1)
+
+    writer.write_shard(1, samples(), shard_skipped(header, 1))
+    assert seen == [False]
+    assert writer.finalize() and json.loads(manifest.read_text())["complete"]
+
+
+def test_of_two_jobs_creating_one_cache_the_first_manifest_stands(tmp_path):
+    from dad.cache.layout import create_exclusive
+
+    path = tmp_path / "manifest.json"
+    assert create_exclusive(path, b"first") is True
+    assert create_exclusive(path, b"second") is False
+    assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

@@ -363,3 +363,28 @@ def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_pa
     assert not [t for t in threading.enumerate() if t.name == "dad-cache-writer"]
     monkeypatch.setattr(Teacher, "launch_parts", original)
     assert _run(image_dir, teachers, out, "zarr")["finalized"]
+
+
+def test_abort_with_a_full_queue_stops_the_writer_after_the_ended_shards():
+    # the writer is still busy with shard 0 while shard 1's queue fills up; then the run fails:
+    # shard 0 must still be written, shard 1 never, and the writer thread must end
+    from dad.pipeline.cache_teachers import _BackgroundWriter
+
+    class SlowWriter:
+        def write_shard(self, shard, samples, skipped):
+            if shard == 0:
+                time.sleep(1.0)
+            return {"num_samples": sum(1 for _ in samples)}
+
+    background = _BackgroundWriter(SlowWriter(), queue_size=2, log=lambda line: None)
+    first = background.begin(0, 2)
+    first.put("a")
+    first.end()
+    second = background.begin(1, 2)
+    second.put("b")
+    second.put("c")  # full: the writer has not started on shard 1
+    start = time.perf_counter()
+    background.abort(second)
+    assert time.perf_counter() - start < 10
+    assert not background._thread.is_alive()
+    assert background.records == {0: {"num_samples": 1}}

@@ -99,3 +99,18 @@ def test_an_unguarded_calling_script_gets_the_fix_not_a_crash_report(folder, tmp
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "DataError" in run.stderr and 'if __name__ == "__main__":' in run.stderr
+
+
+def test_a_storage_error_stops_preparation_instead_of_skipping_the_image(folder, monkeypatch):
+    from dad.errors import StorageError
+    from dad.pipeline import sources
+
+    source = open_source(folder)
+
+    def broken(index):
+        raise sources._TransientReadError(OSError(5, "Input/output error"))
+
+    monkeypatch.setattr(source, "_read_once", broken)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+    with pytest.raises(StorageError, match="Input/output error"):
+        prepare_image(source, 0, 0, rgb_codec=None, **SETTINGS)

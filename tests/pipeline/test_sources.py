@@ -75,6 +75,42 @@ def test_list_file_missing_entry_fails_only_when_read(tmp_path, tree):
         src.read(src.keys.index("imgs/missing.png"))
 
 
+def _failing_open(monkeypatch, failures: int, error: OSError) -> list[int]:
+    """Make the source's ``open`` raise ``error`` ``failures`` times, then work; returns the calls."""
+    from dad.pipeline import sources
+
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise error
+        return open(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "open", flaky, raising=False)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+    return calls
+
+
+def test_storage_errors_are_retried_then_stop_instead_of_skipping(tmp_path, tree, monkeypatch):
+    import errno
+
+    from dad.errors import StorageError
+
+    src = open_source(tmp_path / "imgs")
+    i = src.keys.index("b.png")
+    calls = _failing_open(monkeypatch, 2, OSError(errno.EIO, "Input/output error"))
+    assert src.read(i) == tree["b.png"] and len(calls) == 3  # a hiccup of the file system: retried
+    calls = _failing_open(monkeypatch, 99, OSError(errno.ESTALE, "Stale file handle"))
+    with pytest.raises(StorageError, match=r"b\.png: reading .* failed 3 times .*Stale file handle.*re-run the same command"):
+        src.read(i)
+    # the input's own fault is no storage error: recorded as bad at once, not retried
+    calls = _failing_open(monkeypatch, 99, PermissionError(errno.EACCES, "Permission denied"))
+    with pytest.raises(DataError, match="cannot read"):
+        src.read(i)
+    assert len(calls) == 1
+
+
 def _write_tar(path: Path, members: dict[str, bytes]) -> None:
     with tarfile.open(path, "w") as tf:
         for name, data in members.items():
