@@ -68,7 +68,11 @@ def main() -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @handle_errors
 def infer(checkpoint, arch, input_size, output_dir, save, batch_size, device, precision, num_workers, inputs):
-    """Depth maps for images: INPUTS are files, directories (recursive) or globs."""
+    """Depth maps for images: INPUTS are files, directories (recursive) or globs.
+
+    Each image gives OUTPUT_DIR/NAME.npy, NAME.png, NAME_color.png. NAME is the file's stem;
+    images sharing a stem keep the folders that tell them apart (as sub-folders), or their
+    extension, so no output is ever written twice."""
     from dad.infer import run_inference
 
     result = run_inference(checkpoint, inputs, output_dir, arch=arch, input_size=input_size, save=save,

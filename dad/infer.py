@@ -149,20 +149,18 @@ def colorize(disparity: np.ndarray) -> np.ndarray:
 def save_prediction(disparity: np.ndarray, out_dir: Path, stem: str, kinds: Iterable[str]) -> list[Path]:
     from PIL import Image
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for kind in kinds:
+        if kind not in OUTPUT_SUFFIXES:
+            raise DadError(f"unknown --save kind {kind!r}: use a comma list of {', '.join(SAVE_KINDS)}")
+        path = out_dir / f"{stem}{OUTPUT_SUFFIXES[kind]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "npy":
-            path = out_dir / f"{stem}.npy"
             np.save(path, disparity.astype(np.float32))
         elif kind == "png16":
-            path = out_dir / f"{stem}.png"
             Image.fromarray(disparity_to_uint16(disparity)).save(path)
-        elif kind == "color":
-            path = out_dir / f"{stem}_color.png"
-            Image.fromarray(colorize(disparity)).save(path)
         else:
-            raise DadError(f"unknown --save kind {kind!r}: use a comma list of {', '.join(SAVE_KINDS)}")
+            Image.fromarray(colorize(disparity)).save(path)
         written.append(path)
     return written
 
@@ -173,18 +171,42 @@ class InferResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def _unique_stems(paths: list[Path]) -> dict[Path, str]:
-    """Output stems: the file stem, made unique with its parent folders when names collide."""
-    stems: dict[Path, str] = {}
-    counts: dict[str, int] = {}
+OUTPUT_SUFFIXES = {"npy": ".npy", "png16": ".png", "color": "_color.png"}
+
+
+def output_names(paths: Sequence[Path], kinds: Iterable[str]) -> dict[Path, str]:
+    """Each image's output name, a relative path without suffix: its file stem; where stems
+    repeat, with as many of its parent folders as tell the images apart (kept as folders under
+    the output directory: ``drive_0001/image_02/data/0000000000``); where only the extension
+    differs (``a.jpg``, ``a.png``), the file name; and as a last resort a counter, so that no two
+    images' files (``NAME.npy``, ``NAME.png``, ``NAME_color.png``) are ever the same file, on
+    case-insensitive file systems too."""
+    parents = {p: [part for part in Path(os.path.abspath(p)).parent.parts if part != os.sep and part != "/"] for p in paths}
+    groups: dict[str, list[Path]] = {}
     for p in paths:
-        counts[p.stem] = counts.get(p.stem, 0) + 1
-    for p in paths:
-        if counts[p.stem] == 1:
-            stems[p] = p.stem
-        else:
-            stems[p] = "_".join([*p.parent.parts[-2:], p.stem]).replace(os.sep, "_").lstrip("_")
-    return stems
+        groups.setdefault(p.stem.lower(), []).append(p)
+    names: dict[Path, str] = {}
+    for group in groups.values():
+        if len(group) == 1:
+            names[group[0]] = group[0].stem
+            continue
+        folders_apart = {tuple(parents[p]) for p in group}  # images in one folder differ by extension only
+        deepest = max(len(parents[p]) for p in group)
+        depth = next((d for d in range(deepest + 1) if len(
+            {tuple(x.lower() for x in parents[p][len(parents[p]) - d:]) for p in group} if d else {()}) == len(folders_apart)), deepest)
+        for p in group:
+            folders = parents[p][max(0, len(parents[p]) - depth):]
+            same_folder = [q for q in group if parents[q] == parents[p]]
+            names[p] = "/".join([*folders, p.name if len(same_folder) > 1 else p.stem])
+    taken: set[str] = set()
+    suffixes = [OUTPUT_SUFFIXES[k] for k in kinds if k in OUTPUT_SUFFIXES]
+    for p in paths:  # in input order: the first image keeps its name, a later clash gets _2, _3, ...
+        base, n = names[p], 1
+        while any((names[p] + sfx).lower() in taken for sfx in suffixes):
+            n += 1
+            names[p] = f"{base}_{n}"
+        taken.update((names[p] + sfx).lower() for sfx in suffixes)
+    return names
 
 
 def run_inference(
@@ -216,8 +238,15 @@ def run_inference(
     dev = resolve_device(device)
     model = load_depth_model(checkpoint, arch=arch, device=dev)
     paths = list_images(inputs)
-    stems = _unique_stems(paths)
+    stems = output_names(paths, save)
     out_dir = Path(output_dir)
+    inputs = {os.path.realpath(p) for p in paths}
+    for p in paths:
+        for kind in save:
+            target = out_dir / f"{stems[p]}{OUTPUT_SUFFIXES[kind]}"
+            if os.path.realpath(target) in inputs:
+                raise DadError(f"--output-dir {out_dir}: writing {target} would overwrite an input image; "
+                               "choose another --output-dir")
     result = InferResult()
 
     def load(path: Path) -> tuple[Path, tuple[int, int] | None, torch.Tensor | None, str | None]:

@@ -118,3 +118,31 @@ def test_worker_threads_write_what_one_thread_writes(tmp_path, tiny_checkpoint, 
 def test_cli_missing_input_is_a_clear_error(tmp_path, tiny_checkpoint):
     r = _run("infer", "--checkpoint", tiny_checkpoint, "--output-dir", tmp_path, tmp_path / "nothing_here")
     assert r.returncode == 2 and "nothing_here" in r.stderr
+
+
+def test_output_names_never_share_a_file():
+    from dad.infer import OUTPUT_SUFFIXES, output_names
+
+    paths = [Path(p) for p in [
+        "/k/drive_0001_sync/image_02/data/0000000000.png", "/k/drive_0002_sync/image_02/data/0000000000.png",
+        "/p/a.jpg", "/p/a.png", "/p/a_x.jpg", "/p/a/x.jpg", "/q/x.jpg", "/p/foo.jpg", "/p/foo_color.jpg",
+        "/p/Solo.JPG", "/r/solo.png",
+    ]]
+    kinds = ["npy", "png16", "color"]
+    names = output_names(paths, kinds)
+    files = [(names[p] + OUTPUT_SUFFIXES[k]).lower() for p in paths for k in kinds]
+    assert len(files) == len(set(files))
+    assert names[paths[0]] == "drive_0001_sync/image_02/data/0000000000"  # the folders from where the paths part
+    assert (names[paths[2]], names[paths[3]]) == ("a.jpg", "a.png")  # only the extension differs
+    assert names[paths[4]] == "a_x" and names[paths[5]] == "a/x" and names[paths[6]] == "q/x"
+    assert names[paths[7]] == "foo" and names[paths[8]] == "foo_color_2"  # foo's colour map is foo_color.png
+    assert {names[paths[9]], names[paths[10]]} == {"p/Solo", "r/solo"}  # case-insensitive file systems
+
+
+def test_cli_refuses_to_write_over_its_inputs(tmp_path, tiny_checkpoint, photo_paths):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(Path(photo_paths[0]).read_bytes())
+    r = _run("infer", "--checkpoint", tiny_checkpoint, "--output-dir", folder, "--save", "png16", folder)
+    assert r.returncode == 2 and "would overwrite an input image" in r.stderr
+    assert (folder / "x.png").read_bytes() == Path(photo_paths[0]).read_bytes()
