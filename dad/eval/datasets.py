@@ -292,15 +292,23 @@ class GenericDataset(EvalDataset):
         super().__init__(root, split, min_depth, max_depth)
         self._need_root()
         if split is not None:
-            stems = []
+            images = []
             for tokens in read_split_file(split):
-                stems.append(_stem_of(tokens[0]))
-            images = [self._find_image(s) for s in stems]
+                listed = self.root / _rel(tokens[0])
+                # the listed file itself when it names one (x.png, not the x.jpg next to it)
+                images.append(listed if listed.suffix.lower() in RGB_EXTENSIONS and listed.is_file()
+                              else self._find_image(_stem_of(tokens[0])))
         else:
             images = sorted(
                 p for p in self.root.rglob("*")
                 if p.is_file() and p.suffix.lower() in RGB_EXTENSIONS and not p.stem.endswith(("_depth", "_mask"))
             )
+            by_stem: dict[Path, Path] = {}
+            for image in images:
+                other = by_stem.setdefault(image.with_suffix(""), image)
+                if other is not image:
+                    raise DataError(f"{other} and {image.name}: two images for one ground truth "
+                                    f"({image.stem}_depth); keep one, or pick with --split")
         for image in images:
             self.items.append((image, *self._ground_truth_for(image)))
         self._finish()

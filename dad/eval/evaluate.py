@@ -136,7 +136,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """`dad eval`: evaluate ``checkpoint`` on each dataset spec (``NAME:PATH``, a folder or a
     .mat; see ``open_eval_dataset``). Returns ``{"checkpoint", "config", "summary", "datasets"}``;
-    with ``output`` writes it as JSON and ``format_markdown_table`` of it as ``<output>.md``.
+    with ``output`` writes it as JSON and ``format_markdown_table`` of it next to it, as
+    ``results.md`` for ``results.json``, else ``<output>.md``.
     Predictions go to ``save_predictions/<name>.npy``, or ``save_predictions/<dataset>/<name>.npy``
     with several datasets."""
     if not datasets:
@@ -180,8 +181,13 @@ def run_eval(
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(out, json.dumps(_finite_or_none(results), indent=1, allow_nan=False) + "\n")
-        _write_atomic(out.with_suffix(".md"), format_markdown_table(results) + "\n")
+        _write_atomic(markdown_path(out), format_markdown_table(results) + "\n")
     return results
+
+
+def markdown_path(output: Path) -> Path:
+    """Where the table of ``--output FILE`` goes: next to it, never over it (``r.md``: ``r.md.md``)."""
+    return output.with_suffix(".md") if output.suffix.lower() == ".json" else output.with_name(output.name + ".md")
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -129,6 +129,18 @@ def test_generic_errors_name_the_file(tmp_path):
         open_eval_dataset(empty)
 
 
+def test_generic_two_images_for_one_ground_truth(tmp_path):
+    _save_rgb(tmp_path / "x.jpg", _rgb(4, 4, 1))
+    _save_rgb(tmp_path / "x.png", _rgb(4, 4, 2))
+    np.save(tmp_path / "x_depth.npy", np.full((4, 4), 2.0, np.float32))
+    with pytest.raises(DataError, match=r"x\.jpg and x\.png: two images for one ground truth \(x_depth\); keep one"):
+        open_eval_dataset(tmp_path)
+    split = tmp_path / "split.txt"
+    split.write_text("x.png\n")  # the listed file, not the .jpg found first
+    (sample,) = open_eval_dataset(tmp_path, split=split)
+    assert np.array_equal(sample.rgb, _rgb(4, 4, 2))
+
+
 # --------------------------------------------------------------------------------------------
 # DIODE
 

@@ -57,6 +57,9 @@ def test_run_eval_writes_json_markdown_and_predictions(tmp_path):
     assert written == json.loads(json.dumps(results))
 
     table = out.with_suffix(".md").read_text()
+    from dad.eval.evaluate import markdown_path
+
+    assert [markdown_path(Path(p)).name for p in ("r.json", "r.md", "r.v2", "r")] == ["r.md", "r.md.md", "r.v2.md", "r.md"]
     assert "| tiny_dav2 |" in table and "tinyset AbsRel" in table
     assert f"{ds['mean']['abs_rel']:.3f}" in table and f"{ds['mean']['delta1']:.3f}" in table
 
