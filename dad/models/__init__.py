@@ -7,6 +7,7 @@ from dad.models.checkpoint import (
     file_sha256,
     load_depth_model,
     read_checkpoint_metadata,
+    read_weights,
     resolve_arch,
     save_depth_model,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "file_sha256",
     "load_depth_model",
     "read_checkpoint_metadata",
+    "read_weights",
     "resolve_arch",
     "save_depth_model",
 ]

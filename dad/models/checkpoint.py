@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -57,10 +58,14 @@ def resolve_arch(arch: ArchSpec) -> DepthAnythingV2Config:
     if path.suffix.lower() == ".json" or path.is_file():
         if not path.is_file():
             raise CheckpointError(f"{path}: architecture config file not found; pass an existing JSON or a size name")
+        meta = read_checkpoint_metadata(path) if path.suffix.lower() != ".json" else {}
+        if "arch" in meta:  # a dad checkpoint names its own architecture
+            return resolve_arch(meta["arch"])
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: cannot read architecture config ({e}); fix the JSON") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read it as an architecture config ({type(e).__name__}); pass a size "
+                                  "name (vits|vitb|vitl|vitg) or a config JSON") from None
         try:
             return DepthAnythingV2Config.from_dict(data)
         except (TypeError, ValueError) as e:
@@ -86,8 +91,9 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     metadata: dict[str, str] = {}
     with open(path, "rb") as f:
         head = f.read(8)
-    is_safetensors = path.suffix == ".safetensors" or (
-        len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000 and not head.startswith(b"PK")
+    # a torch zip file (PK) is loaded as one whatever its name says
+    is_safetensors = not head.startswith(b"PK") and (
+        path.suffix == ".safetensors" or (len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000)
     )
     if is_safetensors:
         try:
@@ -101,19 +107,44 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             if path.suffix == ".safetensors":
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-convert it") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load goes by the contents, not the name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"{path}: cannot load as a weights-only torch checkpoint ({str(e).splitlines()[0]}); "
             "if you trust it, re-save its state dict with torch.save(model.state_dict(), ...)"
         ) from None
-    for sub in ("state_dict", "model", "model_state_dict", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(sub), dict):
-            obj = obj[sub]
-            break
+    unwrapping = True
+    while unwrapping:  # wrappers nest: {"model": {"state_dict": {...}}}
+        unwrapping = False
+        for sub in ("state_dict", "model", "model_state_dict", "module"):
+            if isinstance(obj, dict) and isinstance(obj.get(sub), dict):
+                obj, unwrapping = obj[sub], True
+                break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: does not hold a state dict of tensors")
     return obj, metadata
+
+
+def _filtered(raw: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return checkpoint_filter_fn(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _metadata_arch(metadata: dict[str, str], path: Path) -> DepthAnythingV2Config:
+    try:
+        return DepthAnythingV2Config.from_dict(json.loads(metadata[META_ARCH]))
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: unreadable architecture in its metadata ({e}); made by a newer dad? "
+                              "Pass --arch, or re-convert it with `dad convert --arch`") from None
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under our key names (any accepted format), no model built."""
+    path = Path(path)
+    return _filtered(_read_state_dict(path)[0], path)
 
 
 def detect_arch(state_dict: dict[str, torch.Tensor]) -> DepthAnythingV2Config | None:
@@ -163,12 +194,15 @@ def load_depth_model(
     """
     path = Path(path)
     raw, metadata = _read_state_dict(path)
-    state_dict = checkpoint_filter_fn(raw)
+    state_dict = _filtered(raw, path)
     if arch is not None:
         cfg = resolve_arch(arch)
     elif META_ARCH in metadata:
-        cfg = DepthAnythingV2Config.from_dict(json.loads(metadata[META_ARCH]))
+        cfg = _metadata_arch(metadata, path)
     else:
+        if "metric" in path.name.lower():
+            warnings.warn(f"{path}: the name says metric depth; dad's models are relative Depth Anything V2 ones "
+                          "(affine-invariant disparity), so this checkpoint's outputs will not mean metres", stacklevel=2)
         cfg = detect_arch(state_dict)
         if cfg is None:
             raise CheckpointError(
@@ -206,10 +240,13 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         return {}
     out: dict[str, Any] = {}
-    if META_ARCH in meta:
-        out["arch"] = json.loads(meta[META_ARCH])
-    if META_EXTRA in meta:
-        out["extra"] = json.loads(meta[META_EXTRA])
+    try:
+        if META_ARCH in meta:
+            out["arch"] = json.loads(meta[META_ARCH])
+        if META_EXTRA in meta:
+            out["extra"] = json.loads(meta[META_EXTRA])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable dad metadata ({e}); re-convert it with `dad convert`") from None
     if META_FORMAT in meta:
         out["format"] = meta[META_FORMAT]
     return out

@@ -62,15 +62,25 @@ class DepthAnythingV2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DepthAnythingV2Config":
+        """A config from its fields; upstream's form ``{"encoder": "vitl", "features": 256,
+        "out_channels": [...]}`` starts from the named size and overrides what it gives."""
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known - _IGNORED_CONFIG_KEYS)
+        unknown = sorted(set(d) - known - _IGNORED_CONFIG_KEYS - {"encoder"})
         if unknown:
             raise ValueError(f"unknown Depth Anything V2 config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        fields = {k: v for k, v in d.items() if k in known}
+        if "encoder" in d:
+            size = MODEL_ALIASES.get(str(d["encoder"]).lower(), str(d["encoder"]).lower())
+            if size not in MODEL_CONFIGS:
+                raise ValueError(f"encoder {d['encoder']!r} is not one of {', '.join(MODEL_CONFIGS)}")
+            base = MODEL_CONFIGS[size].to_dict()
+            changed = any(base[k] != (list(v) if isinstance(v, tuple) else v) for k, v in fields.items() if k != "name")
+            fields = {**base, "name": "custom" if changed else size, **fields}
+        return cls(**fields)
 
 
 # keys that appear in config files beside the architecture (e.g. the golden fixture's metadata)
-_IGNORED_CONFIG_KEYS = {"input_shape", "seed", "outputs", "encoder"}
+_IGNORED_CONFIG_KEYS = {"input_shape", "seed", "outputs"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +380,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     ``backbone.*`` names with chunked blocks (``backbone.blocks.0.{i}.``), and ``head.*``
     as an alias of ``depth_head.*``.
     """
-    out = {}
-    for key, value in state_dict.items():
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    for original, value in state_dict.items():
+        key = original
         stripped = True
         while stripped:  # wrappers nest (a compiled model inside DDP: module._orig_mod.)
             stripped = False
@@ -386,7 +398,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         # chunked blocks: pretrained.blocks.<chunk>.<i>.<rest> -> pretrained.blocks.<i>.<rest>
         if len(parts) > 4 and parts[0] == "pretrained" and parts[1] == "blocks" and parts[2].isdigit() and parts[3].isdigit():
             key = ".".join(parts[:2] + parts[3:])
-        out[key] = value
+        if key in out:  # e.g. a file holding both a backbone.* and a pretrained.* copy
+            raise ValueError(f"keys {source[key]!r} and {original!r} both map to {key!r}; keep one copy in the checkpoint")
+        out[key], source[key] = value, original
     return out
 
 

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dad.errors import ConfigError, DadError
+from dad.errors import CheckpointError, ConfigError, DadError
 from dad.infer import autocast_for, resolve_device
-from dad.models import DepthAnythingV2, build_depth_model, load_depth_model, save_depth_model
+from dad.models import DepthAnythingV2, build_depth_model, load_depth_model, read_weights, save_depth_model
 from dad.train.config import TrainConfig
 from dad.train.data import student_input
 from dad.train.losses import (
@@ -346,18 +346,29 @@ def _feature_dim(cache) -> int | None:
 
 
 def _init_student(cfg: TrainConfig) -> DepthAnythingV2:
+    """The --student-arch model, with --student-init's weights (any accepted format, read as
+    that architecture: a foreign checkpoint of a custom size needs no other flag), or only its
+    encoder's with --init-encoder-only (the head may then differ, e.g. a narrower DPT)."""
     torch.manual_seed(cfg.seed)
     student = build_depth_model(cfg.student_arch)
-    if cfg.student_init:
-        init = load_depth_model(cfg.student_init, arch=None)
-        if init.config.to_dict() | {"name": ""} != student.config.to_dict() | {"name": ""}:
-            raise ConfigError(
-                f"--student-init {cfg.student_init}: its architecture ({init.config.name}) differs from --student-arch {cfg.student_arch}"
-            )
-        state = init.state_dict()
-        if cfg.init_encoder_only:
-            state = {k: v for k, v in state.items() if k.startswith("pretrained.")}
-        student.load_state_dict(state, strict=not cfg.init_encoder_only)
+    if not cfg.student_init:
+        return student
+    if cfg.init_encoder_only:
+        weights = {k: v for k, v in read_weights(cfg.student_init).items() if k.startswith("pretrained.")}
+        expected = {k: tuple(v.shape) for k, v in student.state_dict().items() if k.startswith("pretrained.")}
+        wrong = sorted(set(expected) ^ set(weights)) + sorted(
+            k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+        if wrong:
+            raise ConfigError(f"--student-init {cfg.student_init}: its encoder does not fit --student-arch "
+                              f"{cfg.student_arch} ({len(wrong)} keys differ, e.g. {wrong[0]}); pass the matching --student-arch")
+        student.load_state_dict(weights, strict=False)
+        return student
+    try:
+        init = load_depth_model(cfg.student_init, arch=student.config)
+    except CheckpointError as e:
+        raise ConfigError(f"--student-init does not fit --student-arch {cfg.student_arch}: {e}".replace(
+            "pass the matching --arch", "pass the matching --student-arch, or add --init-encoder-only")) from None
+    student.load_state_dict(init.state_dict())
     return student
 
 

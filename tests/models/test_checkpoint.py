@@ -142,3 +142,61 @@ def test_cli_convert_then_infer_without_arch(tmp_path, photo_paths):
     assert (tmp_path / "out" / f"{photo_paths[0].stem}.npy").exists()
     r = run("convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_more_layouts_nested_wrappers_and_a_torch_file_named_safetensors(tmp_path):
+    ref = _reference_state()
+    nested = tmp_path / "nested.pth"
+    torch.save({"model": {"state_dict": dict(ref)}, "step": 9}, nested)
+    assert _same_weights(load_depth_model(nested, arch=TINY_JSON), ref)
+    misnamed = tmp_path / "really_a_torch_zip.safetensors"
+    torch.save(dict(ref), misnamed)
+    assert _same_weights(load_depth_model(misnamed, arch=TINY_JSON), ref)
+
+
+def test_two_copies_of_one_weight_are_an_error_not_a_silent_pick(tmp_path):
+    ref = _reference_state()
+    both = {**ref, **{"backbone." + k[len("pretrained."):]: v + 1 for k, v in ref.items() if k.startswith("pretrained.")}}
+    path = tmp_path / "both.pth"
+    torch.save(both, path)
+    with pytest.raises(CheckpointError, match=r"both\.pth: keys .* both map to 'pretrained\."):
+        load_depth_model(path, arch=TINY_JSON)
+
+
+def test_upstream_config_dicts_name_their_encoder(data_dir):
+    import json
+
+    from dad.models import MODEL_CONFIGS, resolve_arch
+
+    official = json.loads((data_dir / "dav2_official_state_dicts.json").read_text())
+    for size, entry in official.items():  # {"encoder": "vitl", "features": 256, "out_channels": [...]}
+        assert resolve_arch(entry["config"]) == MODEL_CONFIGS[size]
+    narrow = resolve_arch({"encoder": "vitb", "features": 64})
+    assert (narrow.embed_dim, narrow.depth, narrow.features, narrow.name) == (768, 12, 64, "custom")
+    with pytest.raises(CheckpointError, match="encoder 'vitx'"):
+        resolve_arch({"encoder": "vitx"})
+
+
+def test_arch_given_as_a_checkpoint_and_bad_metadata(tmp_path):
+    from dad.models import resolve_arch
+    from dad.models.checkpoint import META_ARCH
+
+    model = load_depth_model(TINY_SAFETENSORS, arch=TINY_JSON)
+    own = save_depth_model(model, tmp_path / "own.safetensors")
+    assert resolve_arch(own) == model.config  # a dad checkpoint names its architecture
+    foreign = tmp_path / "foreign.pth"
+    torch.save(model.state_dict(), foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.pth: cannot read it as an architecture config"):
+        resolve_arch(foreign)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, str(newer), metadata={META_ARCH: '{"embed_dim": 48, "new_field": 1}'})
+    with pytest.raises(CheckpointError, match=r"newer\.safetensors: unreadable architecture in its metadata"):
+        load_depth_model(newer)
+
+
+def test_a_metric_checkpoint_name_is_warned_about(tmp_path):
+    path = tmp_path / "depth_anything_v2_metric_hypersim_tiny.pth"
+    torch.save(_reference_state(), path)
+    with pytest.warns(UserWarning, match="metric"), pytest.raises(CheckpointError, match="not recognised"):
+        load_depth_model(path)  # the tiny size is not detected, but the warning comes first

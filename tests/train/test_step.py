@@ -69,3 +69,28 @@ def test_nonfinite_gradients_are_skipped_without_clipping_too():
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
     hook.remove()
     assert train_step(module, optimizer, [tiny_training_batch()], cfg, torch.device("cpu")).read()[1]
+
+
+def test_student_init_reads_any_file_as_the_student_and_encoder_only_leaves_the_head(tmp_path):
+    import json
+
+    from dad.errors import ConfigError
+    from dad.models import load_depth_model
+    from dad.train.loop import _init_student
+    from tests.conftest import TINY_SAFETENSORS
+
+    ref = load_depth_model(TINY_SAFETENSORS, arch=TINY_JSON).state_dict()
+    foreign = tmp_path / "custom_size.pth"  # upstream layout, a size no name or metadata tells
+    torch.save(ref, foreign)
+    base = dict(cache=["unused"], output_dir="unused", student_init=str(foreign))
+    student = _init_student(TrainConfig(student_arch=str(TINY_JSON), **base)).state_dict()
+    assert all(torch.equal(student[k], v) for k, v in ref.items())
+    narrow = tmp_path / "narrow_head.json"
+    narrow.write_text(json.dumps({**json.loads(TINY_JSON.read_text()), "features": 8}))
+    student = _init_student(TrainConfig(student_arch=str(narrow), init_encoder_only=True, **base)).state_dict()
+    assert all(torch.equal(student[k], v) for k, v in ref.items() if k.startswith("pretrained."))
+    assert student["depth_head.scratch.output_conv1.weight"].shape != ref["depth_head.scratch.output_conv1.weight"].shape
+    with pytest.raises(ConfigError, match="--student-init does not fit --student-arch .*add --init-encoder-only"):
+        _init_student(TrainConfig(student_arch=str(narrow), **base))
+    with pytest.raises(ConfigError, match="its encoder does not fit --student-arch vits"):
+        _init_student(TrainConfig(student_arch="vits", init_encoder_only=True, **base))
