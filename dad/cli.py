@@ -106,6 +106,21 @@ def convert(src, dst, arch, dtype):
 # stage 2
 
 
+def _seed_teacher_flags(command):
+    """The seed's --teacher_models A B --teacher_checkpoints X Y: answered with dad's spelling."""
+    def refuse(ctx, param, value):
+        if value:
+            raise click.UsageError(
+                f"{param.opts[0]}: dad names each teacher with one repeated option, --teacher NAME=CKPT[:ARCH], e.g. "
+                "--teacher large=depth_anything_v2_vitl.pth:vitl --teacher base=depth_anything_v2_vitb.pth:vitb; "
+                "teachers run once in `dad cache-teachers`, and `dad train --cache` reads their outputs", ctx)
+        return None
+
+    for name in ("--teacher_checkpoints", "--teacher_models"):
+        command = click.option(name, multiple=True, hidden=True, expose_value=False, callback=refuse)(command)
+    return command
+
+
 def _explicit(ctx: click.Context) -> dict:
     """The options the user actually gave (so a --config file fills only the rest)."""
     from click.core import ParameterSource
@@ -156,13 +171,14 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--online", is_flag=True, help="Baseline: run the teachers live instead of reading a cache.")
 @click.option("--teacher", "teachers", multiple=True, help="--online: teacher [NAME=]CKPT (repeatable).")
 @click.option("--images", help="--online: image source, as for cache-teachers.")
-@click.option("--global-crop-size", "--global_crop_size", "global_crop_size", type=int, help="--online: region view size [560].")
-@click.option("--local-crop-size", "--local_crop_size", "local_crop_size", type=int, help="--online: patch size [560].")
-@click.option("--min-region", "--min_local_crop", "min_region", type=int, help="--online: smallest region side [644].")
-@click.option("--regions-per-image", "--regions_per_image", "regions_per_image", type=int, help="--online: regions per image [1].")
-@click.option("--patches", help="--online: patch grid AxB [2x2].")
-@click.option("--feature-dim", "--feature_dim", "feature_dim", type=int, help="--online: reduced feature width [64].")
-@click.option("--grid-seed", "--grid_seed", "grid_seed", type=int, help="--online: crop grid seed [0].")
+@click.option("--global-crop-size", "--global_crop_size", "global_crop_size", type=int, help="--online: region view size [560]. With --cache, if given, it must be the cache's.")
+@click.option("--local-crop-size", "--local_crop_size", "local_crop_size", type=int, help="--online: patch size [560]. With --cache, if given, it must be the cache's.")
+@click.option("--min-region", "--min_local_crop", "min_region", type=int, help="--online: smallest region side [644]. With --cache, if given, it must be the cache's.")
+@click.option("--regions-per-image", "--regions_per_image", "regions_per_image", type=int, help="--online: regions per image [1]. With --cache, if given, it must be the cache's.")
+@click.option("--patches", help="--online: patch grid AxB [2x2]. With --cache, if given, it must be the cache's.")
+@click.option("--feature-dim", "--feature_dim", "feature_dim", type=int, help="--online: reduced feature width [64]. With --cache, if given, it must be the cache's.")
+@click.option("--grid-seed", "--grid_seed", "grid_seed", type=int, help="--online: crop grid seed [0]. With --cache, if given, it must be the cache's.")
+@_seed_teacher_flags
 @click.pass_context
 @handle_errors(on_interrupt="re-run with --resume to continue from the last checkpoint")
 def train(ctx, config_file, **_):
@@ -279,6 +295,7 @@ def _patches(ctx, param, value):
 @click.option("--encode-workers", "--encode_workers", "encode_workers", default=None, type=int,
               help="Threads that compress the teachers' depth and features behind them (their codecs release "
                    "the GIL); 1: the writer thread itself [2].")
+@_seed_teacher_flags
 @handle_errors(on_interrupt="finished shards are kept, nothing half-written is visible; run the same command "
                             "again to resume")
 def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,

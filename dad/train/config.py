@@ -67,14 +67,15 @@ class TrainConfig:
     online: bool = False
     teachers: list[str] = field(default_factory=list)
     images: str | None = None
-    # the crop grid of --online (the same meaning as in `dad cache-teachers`)
-    global_crop_size: int = 560
-    local_crop_size: int = 560
-    min_region: int = 644
-    regions_per_image: int = 1
-    patches: str = "2x2"
-    feature_dim: int = 64
-    grid_seed: int = 0
+    # the crop grid of --online (the same meaning as in `dad cache-teachers`; ONLINE_GRID when
+    # not given). From a cache the grid is the cache's: a value given must match it.
+    global_crop_size: int | None = None
+    local_crop_size: int | None = None
+    min_region: int | None = None
+    regions_per_image: int | None = None
+    patches: str | None = None
+    feature_dim: int | None = None
+    grid_seed: int | None = None
 
     def validate(self) -> "TrainConfig":
         def bad(flag: str, why: str) -> None:
@@ -89,6 +90,9 @@ class TrainConfig:
                 bad("teacher", "--online needs at least one --teacher CKPT")
             if not self.images:
                 bad("images", "--online needs --images SRC (the same sources cache-teachers takes)")
+            for name, default in ONLINE_GRID.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
         elif not self.cache:
             bad("cache", "required: a cache made by `dad cache-teachers` (or use --online --teacher ... --images ...)")
         for name in ("batch_size", "grad_accum", "checkpoint_interval", "log_interval", "val_interval"):
@@ -123,6 +127,24 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# the seed's and the paper's crop grid: what `dad cache-teachers` defaults to, and --online too
+ONLINE_GRID = {"global_crop_size": 560, "local_crop_size": 560, "min_region": 644, "regions_per_image": 1,
+               "patches": "2x2", "feature_dim": 64, "grid_seed": 0}
+
+
+def check_grid_matches_cache(cfg: "TrainConfig", cache_config: dict[str, Any]) -> None:
+    """Crop-grid options given to a training from a cache must be the cache's own: the crops
+    were fixed when it was made (the seed guide passes them to training; here they go to
+    `dad cache-teachers`)."""
+    for name in ONLINE_GRID:
+        given = getattr(cfg, name)
+        made = cache_config.get(name)
+        if given is not None and str(given) != str(made):
+            flag = "--min-region (--min_local_crop)" if name == "min_region" else "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {given}: the cache was made with {made}; the crops are fixed when caching, so "
+                              f"drop the flag, or make a cache with it (`dad cache-teachers {flag.split()[0]} {given}`)")
 
 
 def parse_teacher_probs(text: str | dict | None) -> dict[str, float]:

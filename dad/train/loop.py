@@ -340,11 +340,6 @@ def prune_checkpoints(out_dir: Path, keep: int) -> list[Path]:
     return old
 
 
-def _feature_dim(cache) -> int | None:
-    cfg = cache.config
-    return int(cfg["feature_dim"]) if cfg.get("features") else None
-
-
 def _init_student(cfg: TrainConfig) -> DepthAnythingV2:
     """The --student-arch model, with --student-init's weights (any accepted format, read as
     that architecture: a foreign checkpoint of a custom size needs no other flag), or only its

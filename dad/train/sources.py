@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from dad.train.config import TrainConfig
+from dad.train.config import TrainConfig, check_grid_matches_cache
 from dad.train.data import CachedDistillDataset, StepSampler
 
 
@@ -43,6 +43,8 @@ class CachedBatchSource(SamplerBackedSource):
         self.cfg, self.cache = cfg, cache
         self.teachers = list(cache.teachers)
         header = cache.config
+        for made in header.get("caches", [header]):
+            check_grid_matches_cache(cfg, made["config"])
         self.feature_dim = int(header["feature_dim"]) if header.get("features") else None
         pools = {t: cache.indices_with_teacher(t) for t in self.teachers}
         self.sampler = StepSampler(len(cache), cfg.batch_size, cfg.grad_accum, self.teachers, cfg.teacher_probs,

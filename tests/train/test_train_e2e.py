@@ -332,3 +332,14 @@ def test_compiled_run_matches_the_eager_run(tmp_path, cache):
     with torch.no_grad():
         pe, pc = eager.eval()(x), comp.eval()(x)
     assert (pe - pc).abs().max() < 1e-3 * pe.abs().max()
+
+
+def test_crop_flags_given_to_a_cached_run_must_be_the_caches(tmp_path, cache):
+    from dad.train.loop import train
+
+    with pytest.raises(ConfigError, match=r"--global-crop-size 518: the cache was made with 42; .*drop the flag"):
+        train(_cfg(cache, tmp_path / "other", global_crop_size=518))
+    assert train(_cfg(cache, tmp_path / "same", global_crop_size=42, min_region=48, num_iterations=1))["steps"] == 1
+    r = _cli("train", "--cache", cache, "--student-arch", TINY_JSON, "--output-dir", tmp_path / "seed",
+             "--teacher_models", "depthanything-large", "--teacher_checkpoints", "vitl.pth")
+    assert r.returncode == 2 and "--teacher NAME=CKPT[:ARCH]" in r.stderr
