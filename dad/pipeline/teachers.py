@@ -105,7 +105,10 @@ class Teacher:
         else:
             meta = read_checkpoint_metadata(path).get("arch")
             if meta is not None:
-                arch = resolve_arch(meta)
+                try:
+                    arch = resolve_arch(meta)
+                except CheckpointError as e:
+                    raise CheckpointError(f"--teacher {spec.name}={spec.checkpoint}: {e}; pass its :ARCH") from None
             else:  # a foreign file: the architecture is known only from its tensors
                 self._model = load_depth_model(path, device="cpu")
                 arch = self._model.config
