@@ -402,6 +402,12 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
     elif (out_dir / STATE_FILE).exists():  # on every rank (they share the directory), or the others would hang
         raise ConfigError(f"--output-dir {out_dir} holds a training run; add --resume to continue it or pick a new directory")
     start_step = int(state["step"]) if state else 0
+    if state and isinstance(state.get("config"), dict):  # a resume with other options: say what changed
+        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
+                   if k not in ("resume",) and hasattr(cfg, k) and v != getattr(cfg, k) and not
+                   (isinstance(v, list) and list(getattr(cfg, k) or []) == v)}
+        for k, (before, now) in sorted(changed.items()):
+            logger.info(f"--resume: --{k.replace('_', '-')} was {before!r} in the run resumed, now {now!r}")
 
     source = make_batch_source(cfg, info, device, start_step)
     total_steps = total_steps_for(cfg, source.steps_per_epoch)

@@ -53,7 +53,12 @@ class CachedBatchSource(SamplerBackedSource):
         self.dataset = CachedDistillDataset(cfg.cache, cfg.seed, cfg.flip_prob, cfg.color_jitter, want_features)
 
     def describe(self) -> str:
-        return f"{len(self.cache)} cached samples, teachers {', '.join(self.teachers)}"
+        text = f"{len(self.cache)} cached samples, teachers {', '.join(self.teachers)}"
+        unfinished = [c for c in getattr(self.cache, "caches", [self.cache]) if len(c.complete_shards) < c.num_shards]
+        for c in unfinished:  # allowed (start training while caching goes on), but it changes what a resume sees
+            text += (f"; NOTE {c.root} is unfinished ({len(c.complete_shards)}/{c.num_shards} shards): only its complete "
+                     "shards are used, and a --resume after more shards land draws another sample order")
+        return text
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.cfg.num_workers == 0:

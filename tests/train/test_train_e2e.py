@@ -343,3 +343,15 @@ def test_crop_flags_given_to_a_cached_run_must_be_the_caches(tmp_path, cache):
     r = _cli("train", "--cache", cache, "--student-arch", TINY_JSON, "--output-dir", tmp_path / "seed",
              "--teacher_models", "depthanything-large", "--teacher_checkpoints", "vitl.pth")
     assert r.returncode == 2 and "--teacher NAME=CKPT[:ARCH]" in r.stderr
+
+
+def test_a_resume_with_other_options_says_what_changed(tmp_path, cache):
+    from dad.train.loop import train
+
+    out = tmp_path / "run"
+    train(_cfg(cache, out, num_iterations=3))
+    train(_cfg(cache, out, num_iterations=6, lr=1e-3, resume=True))
+    log = (out / "train.log").read_text()
+    assert "--resume: --lr was 0.0005 in the run resumed, now 0.001" in log
+    assert "--resume: --num-iterations was 3 in the run resumed, now 6" in log
+    assert "--resume: --seed" not in log and "--resume: --cache" not in log
