@@ -147,6 +147,9 @@ def _blosc_compress(arr: np.ndarray) -> bytes:
             numcodecs.blosc.use_threads = previous
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Float maps (..., H, W) -> (uint16 levels (..., H, W), float32 (..., 2) [lo, hi] per map).
     A constant map stores all zeros and decodes to its value exactly."""
@@ -156,8 +159,11 @@ def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise CacheError("a teacher depth map is not finite (NaN or inf); check the teacher checkpoint and its input")
     span = hi.astype(np.float64) - lo
-    scale = np.divide(DEPTH_LEVELS, span, out=np.zeros_like(span), where=span > 0).astype(np.float32)
-    q = np.rint((d - lo[..., None, None]) * scale[..., None, None])
+    scale = np.divide(DEPTH_LEVELS, span, out=np.zeros_like(span), where=span > 0)
+    if (span < _F32_MAX).all() and (scale < _F32_MAX).all():  # every real map: float32 is exact enough and fast
+        q = np.rint((d - lo[..., None, None]) * scale.astype(np.float32)[..., None, None])
+    else:  # spans beyond float32 (near +-3e38, or below ~1e-34): the same arithmetic in float64
+        q = np.rint((d.astype(np.float64) - lo[..., None, None]) * scale[..., None, None])
     np.clip(q, 0, DEPTH_LEVELS, out=q)
     return q.astype(np.uint16), np.stack([lo, hi], axis=-1).astype(np.float32)
 
@@ -166,9 +172,11 @@ def dequantize_depth(q: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     """Inverse of ``quantize_depth``: lo + q * (hi - lo) / DEPTH_LEVELS, float32."""
     ranges = np.asarray(ranges, dtype=np.float32)
     lo = ranges[..., 0]
-    step = ((ranges[..., 1].astype(np.float64) - lo) / DEPTH_LEVELS).astype(np.float32)
+    step = (ranges[..., 1].astype(np.float64) - lo) / DEPTH_LEVELS
+    if not (step * DEPTH_LEVELS < _F32_MAX).all():  # a span beyond float32 (values near +-3e38)
+        return (q * step[..., None, None] + lo[..., None, None]).astype(np.float32)
     out = q.astype(np.float32)
-    out *= step[..., None, None]
+    out *= step.astype(np.float32)[..., None, None]
     out += lo[..., None, None]
     return out
 
@@ -242,6 +250,9 @@ def _unshuffle2(raw: bytes) -> bytes:
 def encode_features(features: np.ndarray) -> bytes:
     """float16 (h, w, D) -> zstd of the byte-shuffled little-endian values."""
     f = np.ascontiguousarray(features, dtype="<f2")
+    if not np.isfinite(f).all():  # NaN from the teacher, or float32 values beyond float16's 65504
+        raise CacheError("a teacher's reduced features are not finite in float16 (NaN, or beyond +-65504); "
+                         "check the teacher checkpoint and its input")
     raw = f.tobytes()
     return bytes(_feature_zstd.encode(_shuffle2(raw) if FEATURE_SHUFFLE else raw))
 

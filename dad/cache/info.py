@@ -16,6 +16,7 @@ from dad.cache.layout import (
     leftover_temps,
     read_manifest,
     read_record,
+    record_content_sha256,
     record_path,
     recorded_shards,
     sha256_file,
@@ -101,6 +102,14 @@ def format_cache_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_record(shard: int, record: dict[str, Any]) -> str | None:
+    """None when the record is as written (its content_sha256; records of older caches have none)."""
+    if "content_sha256" in record and record_content_sha256(record) != record["content_sha256"]:
+        return (f"shard {shard_name(shard)}: its record (shards/{shard_name(shard)}.json) was changed after it was "
+                f"written; delete it and shards/{record.get('path')}, then re-run `dad cache-teachers`")
+    return None
+
+
 def _check_files(root: Path, shard: int, record: dict[str, Any]) -> str | None:
     """None when every payload file of the shard has its recorded size and sha256."""
     label = f"shard {shard_name(shard)} (shards/{record.get('path')})"
@@ -133,6 +142,8 @@ def _check_sample(cache: TeacherCache, index: int, key: str) -> None:
                 raise CacheError(f"teacher {t} {what} depth decodes to non-finite values")
         if geo.features and s.features[t].shape != geo.feature_shape:
             raise CacheError(f"teacher {t} features are {s.features[t].shape}, expected {geo.feature_shape}")
+        if geo.features and not np.isfinite(s.features[t]).all():
+            raise CacheError(f"teacher {t} features decode to non-finite values")
 
 
 def verify_cache(path: str | os.PathLike, show_progress: bool = True, workers: int | None = None) -> list[str]:
@@ -166,7 +177,7 @@ def verify_cache(path: str | os.PathLike, show_progress: bool = True, workers: i
             record = read_record(root, k)
         except CacheError as e:
             return 0, [f"shard {shard_name(k)}: {e}"]
-        bad = _check_files(root, k, record)
+        bad = _check_record(k, record) or _check_files(root, k, record)
         if bad:
             return 0, [bad]
         first = cache.first_index(k)

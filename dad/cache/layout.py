@@ -221,6 +221,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+def record_content_sha256(record: dict[str, Any]) -> str:
+    """The checksum a shard record carries of everything else in it (sample keys, tar offsets,
+    file list, ...), so an edited or damaged record is caught, finalized or not."""
+    return hashlib.sha256(canonical_json({k: v for k, v in record.items() if k != "content_sha256"}, indent=None)).hexdigest()
+
+
 def read_record(root: Path, shard: int) -> dict[str, Any]:
     path = record_path(root, shard)
     try:

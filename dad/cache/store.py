@@ -39,6 +39,7 @@ from dad.cache.layout import (
     payload_name,
     read_manifest,
     read_record,
+    record_content_sha256,
     record_path,
     recorded_shards,
     temp_name,
@@ -224,6 +225,7 @@ class CacheWriter:
         }
         if self.fmt == "webdataset":
             record["tar_index"] = {"fields": stored["tar_index"]["fields"], "offsets": stored["tar_index"]["offsets"]}
+        record["content_sha256"] = record_content_sha256(record)
         write_atomic(record_path(self.root, k), canonical_json(record, indent=None))
         return record
 
@@ -285,12 +287,6 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
         return value
 
-    def close_all(self) -> None:
-        for value in self.values():
-            if hasattr(value, "close"):
-                value.close()
-        self.clear()
-
 
 class TeacherCache:
     """Random access to the complete samples of one cache, either format. Shard files are
@@ -308,9 +304,10 @@ class TeacherCache:
             raise CacheError(f"{self.root / MANIFEST}: unknown storage format {self.format!r}; this dad reads {', '.join(FORMATS)}")
         self.geometry = Geometry.from_header(self.manifest["header"])
         self.num_shards = int(self.manifest["header"]["num_shards"])
-        if self.manifest.get("complete"):
+        recorded = recorded_shards(self.root, self.num_shards)  # one listing; a finished manifest may be stale
+        if self.manifest.get("complete") and [int(s["shard"]) for s in self.manifest["shards"]] == recorded:
             summaries = self.manifest["shards"]
-        else:  # still being written: what is complete now
+        else:  # still being written, or a shard's record was deleted to redo it: what is complete now
             summaries = [read_record(self.root, k) for k in recorded_shards(self.root, self.num_shards)]
         self._shards = [int(s["shard"]) for s in summaries]
         self._paths = [str(s["path"]) for s in summaries]
@@ -396,10 +393,12 @@ class TeacherCache:
         self._pid = os.getpid()
 
     def close(self) -> None:
-        """Close the open shard files now (they re-open on the next read)."""
+        """Let go of the open shard files (they re-open on the next read). Each closes as soon
+        as no thread is reading from it: closing under a reading thread could hand its
+        descriptor number to another file."""
         if os.getpid() == self._pid:
             with self._lock:
-                self._readers.close_all()
+                self._readers = _LRU(self.max_open_shards)
 
     def _reader(self, pos: int):
         self._check_process()

@@ -67,14 +67,15 @@ def _sharded_arrays(geo: Geometry) -> dict[str, int]:
 def kind_of(path: str) -> str:
     """Which part of a sample a stored file belongs to: rgb, depth, features or meta (zarr.json
     documents, boxes, sizes and the depth ranges)."""
-    name = path.split("/")
-    if name[-1] == "zarr.json":
+    parts = path.split("/")
+    if parts[-1] == "zarr.json" or len(parts) < 2:
         return "meta"
-    if "rgb_region" in name or "rgb_patches" in name:
+    array = parts[-2]  # a chunk file's array (by its own name: teacher names may be anything)
+    if array in ("rgb_region", "rgb_patches"):
         return "rgb"
-    if "depth_region" in name or "depth_patches" in name:
+    if array in ("depth_region", "depth_patches"):
         return "depth"
-    if "features" in name:
+    if array == "features":
         return "features"
     return "meta"
 

@@ -11,6 +11,7 @@ the batches an uninterrupted one would, whatever the number of DataLoader worker
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -196,25 +197,17 @@ def make_batch(samples: Sequence[CacheSample], plan: BatchPlan, seed: int, flip_
 
 class CachedDistillDataset(Dataset):
     """Map-style dataset over ``BatchPlan``s: item = one whole micro-batch (so a worker decodes
-    a batch at once and the teacher is known). The cache is opened lazily in each worker."""
+    a batch at once and the teacher is known). ``cache``: an opened cache (``open_caches``) or
+    the paths to open. Workers get the opened cache pickled: the same list of complete shards
+    as the sampler's, even while more shards land (each worker then opens its own files)."""
 
-    def __init__(self, cache_paths: Sequence[str], seed: int, flip_prob: float, color_jitter: float, want_features: bool) -> None:
-        self.cache_paths = list(cache_paths)
-        self.seed, self.flip_prob, self.color_jitter, self.want_features = seed, flip_prob, color_jitter, want_features
-        self._cache = None
-
-    @property
-    def cache(self):
-        if self._cache is None:
+    def __init__(self, cache: Any, seed: int, flip_prob: float, color_jitter: float, want_features: bool) -> None:
+        if isinstance(cache, (str, os.PathLike, list, tuple)):
             from dad.cache import open_caches
 
-            self._cache = open_caches(self.cache_paths)
-        return self._cache
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_cache"] = None  # each worker process opens its own handle
-        return state
+            cache = open_caches(cache)
+        self.cache = cache
+        self.seed, self.flip_prob, self.color_jitter, self.want_features = seed, flip_prob, color_jitter, want_features
 
     def load(self, plan: BatchPlan) -> dict[str, Any]:
         # the patches' RGB is not trained on: not decoding it saves four image decodes a sample

@@ -50,7 +50,7 @@ class CachedBatchSource(SamplerBackedSource):
         self.sampler = StepSampler(len(cache), cfg.batch_size, cfg.grad_accum, self.teachers, cfg.teacher_probs,
                                    cfg.seed, rank, world_size, start_step=start_step, pools=pools)
         want_features = cfg.lambda_feat > 0 and self.feature_dim is not None
-        self.dataset = CachedDistillDataset(cfg.cache, cfg.seed, cfg.flip_prob, cfg.color_jitter, want_features)
+        self.dataset = CachedDistillDataset(cache, cfg.seed, cfg.flip_prob, cfg.color_jitter, want_features)
 
     def describe(self) -> str:
         text = f"{len(self.cache)} cached samples, teachers {', '.join(self.teachers)}"

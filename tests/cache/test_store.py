@@ -473,3 +473,65 @@ def test_of_two_jobs_creating_one_cache_the_first_manifest_stands(tmp_path):
     assert create_exclusive(path, b"first") is True
     assert create_exclusive(path, b"second") is False
     assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_bytes_by_kind_do_not_depend_on_teacher_names(tmp_path):
+    # teachers may be named after the arrays; each file is counted by its own array's name
+    plain = cache_info(write_cache(tmp_path / "plain", "zarr", make_header()).root)
+    named = make_header(teachers=("features", "rgb_region"))
+    odd = cache_info(write_cache(tmp_path / "odd", "zarr", named, sample_kw={"teachers": ("features", "rgb_region")}).root)
+    for key in ("depth_bytes_per_pixel", "feature_bytes_per_value", "rgb_bytes_per_pixel"):
+        assert odd[key] == pytest.approx(plain[key], rel=0.2), key
+
+
+def test_depth_codec_at_float32_extremes_and_nonfinite_features():
+    d = np.zeros((1, 4, 4), np.float32)
+    d[0, 0, 0], d[0, 3, 3] = -3e38, 3e38
+    q, ranges = codecs.quantize_depth(d)
+    back = codecs.dequantize_depth(q, ranges)
+    assert np.isfinite(back).all() and np.abs(back - d).max() <= 6e38 / codecs.DEPTH_LEVELS
+    tiny = np.array([[[0.0, 1e-36], [5e-37, 0.0]]], np.float32)
+    back = codecs.dequantize_depth(*codecs.quantize_depth(tiny))
+    assert np.isfinite(back).all() and np.abs(back - tiny).max() <= 1e-36 / codecs.DEPTH_LEVELS
+    with pytest.raises(CacheError, match="features are not finite in float16"):
+        codecs.encode_features(np.full((2, 2, 4), 1e5, np.float32))
+
+
+def test_verify_catches_an_edited_record_before_finalize(tmp_path):
+    header = make_header()
+    writer = create_cache_writer(tmp_path / "c", "webdataset", header)
+    for k in (0, 1):  # shard 2 not yet: the manifest is not final, only the records protect themselves
+        writer.write_shard(k, shard_samples(header, k), shard_skipped(header, k))
+    path = tmp_path / "c" / "shards" / "000001.json"
+    record = json.loads(path.read_text())
+    offsets = record["tar_index"]["offsets"]
+    offsets[0][2:4], offsets[0][4:6] = offsets[0][4:6], offsets[0][2:4]  # two fields' bytes swapped
+    path.write_text(json.dumps(record))
+    problems = verify_cache(tmp_path / "c", show_progress=False)
+    assert any("000001" in p and "was changed after it was written" in p for p in problems), problems
+
+
+def test_a_finished_cache_with_a_record_deleted_reads_what_is_left(tmp_path):
+    header = make_header()
+    write_cache(tmp_path / "c", "zarr", header)
+    full = len(open_cache(tmp_path / "c"))
+    (tmp_path / "c" / "shards" / "000001.json").unlink()  # to have shard 1 redone
+    cache = open_cache(tmp_path / "c")
+    assert cache.complete_shards == [0, 2] and len(cache) == full - len(list(shard_samples(header, 1)))
+    assert [s.key for s in cache] == [s.key for k in (0, 2) for s in shard_samples(header, k)]
+
+
+def test_a_pickled_cache_keeps_its_shards_while_more_land(tmp_path):
+    # DataLoader workers get the cache the sampler counted on, not a fresh look at the folder
+    import pickle
+
+    header = make_header()
+    writer = create_cache_writer(tmp_path / "c", "zarr", header)
+    for k in (0, 2):
+        writer.write_shard(k, shard_samples(header, k), shard_skipped(header, k))
+    cache = open_cache(tmp_path / "c")
+    keys = [s.key for s in cache]
+    shipped = pickle.dumps(cache)
+    writer.write_shard(1, shard_samples(header, 1), shard_skipped(header, 1))
+    in_worker = pickle.loads(shipped)
+    assert [s.key for s in in_worker] == keys and len(open_cache(tmp_path / "c")) > len(keys)
