@@ -33,7 +33,10 @@ def main() -> None:
     ap.add_argument("--local", type=int, default=None, help="patch size (default: --size)")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=30, help="steps of --online (and of the cache, if more than --cache-steps)")
+    ap.add_argument("--cache-steps", type=int, default=None,
+                    help="steps from the cache (default: --steps, at least 6 x --num-workers x 4 + 60: the data loader "
+                         "prefetches 4 batches per worker, so a shorter run could not show whether the workers keep up)")
     ap.add_argument("--num-workers", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default=None)
@@ -63,31 +66,37 @@ def main() -> None:
         cache_teachers(images=str(images), teachers=[f"teacher={teacher}"], output=str(cache), device=args.device,
                        batch_size=args.batch_size, **grid)
 
+    cache_steps = args.cache_steps or max(args.steps, 6 * args.num_workers * 4 + 60)
     results = {}
-    for mode in ("cache", "online"):
+    for mode, steps in (("cache", cache_steps), ("online", args.steps)):
         out = work / f"run_{mode}"
         shutil.rmtree(out, ignore_errors=True)
+        every = max(1, steps // 10)  # a log line waits for the device: every step's would undo what the loop overlaps
         common = dict(output_dir=str(out), student_arch=args.student_arch, batch_size=args.batch_size,
-                      # a log line waits for the device: every step's would undo what the loop overlaps
-                      num_iterations=args.steps, log_interval=max(1, args.steps // 6), checkpoint_interval=10**9, device=args.device,
+                      num_iterations=steps, log_interval=every, checkpoint_interval=10**9, device=args.device,
                       num_workers=args.num_workers, seed=0, compile=args.compile)
         if mode == "cache":
             cfg = TrainConfig(cache=[str(cache)], **common)
         else:
             cfg = TrainConfig(online=True, teachers=[f"teacher={teacher}"], images=str(images), **common, **grid)
         train(cfg.validate())
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        warm = records[len(records) // 3 :] or records  # leave out start-up steps
-        sps = sum(r["samples_per_s"] for r in warm) / len(warm) / args.batch_size
-        wait = sum(r["data_wait_frac"] for r in warm) / len(warm)
-        results[mode] = (sps, wait)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples_per_s"' in line]
+        shutil.rmtree(out, ignore_errors=True)  # checkpoints and optimizer state: gigabytes at these sizes
+        # the later windows (start-up and the loader's prefetched batches left out), as totals:
+        # time = samples / rate per window, not a mean of rates
+        warm = [r for r in records if r["step"] > steps // 3] or records
+        prev = {r["step"]: p["step"] for p, r in zip([{"step": 0}] + records, records)}
+        samples = [(r["step"] - prev[r["step"]]) * args.batch_size for r in warm]
+        seconds = [n / r["samples_per_s"] for n, r in zip(samples, warm)]
+        waited = sum(r["data_wait_frac"] * t for r, t in zip(warm, seconds))
+        results[mode] = (sum(samples) / args.batch_size / sum(seconds), waited / sum(seconds), steps)
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"\nteacher {args.teacher_arch}, student {args.student_arch}, {args.size}px views, {local}px 2x2 patches, "
           f"batch {args.batch_size}, device {dev}")
-    print(f"{'source':<8} {'steps/s':>9} {'data wait':>10}")
-    for mode, (sps, wait) in results.items():
-        print(f"{mode:<8} {sps:>9.3f} {100 * wait:>9.1f}%")
+    print(f"{'source':<8} {'steps/s':>9} {'data wait':>10} {'steps run':>10}")
+    for mode, (sps, wait, steps) in results.items():
+        print(f"{mode:<8} {sps:>9.3f} {100 * wait:>9.1f}% {steps:>10}")
     print(f"cached / online = {results['cache'][0] / results['online'][0]:.2f}x")
     # what no online implementation can save: the teacher's forward over the step's views
     forward = teacher_forward_seconds(teacher, args.batch_size, args.size, local, args.device)
@@ -97,6 +106,7 @@ def main() -> None:
           f"{(cached_step + forward) / cached_step:.2f}x: the speed-up against an online implementation costing nothing more")
     if args.compile:
         print("(both with --compile; its compilation falls in the first third of the steps, left out)")
+    print("(rates over the last two thirds of each run's steps, as total steps / total time)")
     print()
     cfg = TrainConfig(cache=[str(cache)], output_dir=str(work / "run_breakdown"), student_arch=args.student_arch,
                       batch_size=args.batch_size, num_workers=0, device=args.device, seed=0).validate()
@@ -111,8 +121,10 @@ def main() -> None:
           + (", ".join(f"{k} {n}" for k, n in waits.items() if n) or "none")
           + " (dad train reads each step's results one step later, with the next step queued)")
     load = data_worker_seconds(cfg, batches=max(4, args.steps // 4))
-    print(f"one data worker: {1000 * load:.1f} ms per batch (read, decode, augment); "
+    print(f"one data worker: {1000 * load:.1f} ms per batch (read, decode, augment; one thread, as in a worker); "
           f"--num-workers {args.num_workers}: at most {args.num_workers / load:.1f} steps/s")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def teacher_forward_seconds(checkpoint: Path, batch_size: int, size: int, local: int, device_name: str,
@@ -153,12 +165,17 @@ def data_worker_seconds(cfg, batches: int) -> float:
 
     source = CachedBatchSource(cfg, 0, 1, 0)
     source.set_total_steps(batches + 1)
-    it = iter(source)
-    next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker has
+    try:
+        it = iter(source)
         next(it)
-    return (time.perf_counter() - start) / batches
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return (time.perf_counter() - start) / batches
+    finally:
+        torch.set_num_threads(threads)
 
 
 def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
@@ -201,6 +218,8 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
 
     for i, batch in enumerate(source):
         counting = i > 0
+        if device.type == "cuda":  # pinned, as the DataLoader's pin_memory thread hands batches over
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch = timed("to device", lambda: move_batch(batch, device))
 
         def forward():

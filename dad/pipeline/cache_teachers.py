@@ -387,6 +387,11 @@ class LaunchedBatch:
     features: bool
     num_images: int  # the batch's images, skipped ones included
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the outputs were still on their way when the launch returned (GPUs)."""
+        return any(getattr(o, "asynchronous", True) for o in self.outputs.values())
+
     def samples(self) -> list[CacheSample]:
         """One CacheSample per (image, region), holding the pixels the teachers saw; waits for
         the device."""
@@ -531,10 +536,10 @@ def cache_teachers(
     clock = _TimeSplit()
     inputs = prepared_images(source, work, settings, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
 
-    def progressed(num_images: int, shard: int) -> None:
+    def progressed(num_images: int, shard: int, done_at: float | None = None) -> None:
         nonlocal after_first_batch
         if after_first_batch is None:
-            after_first_batch = (time.perf_counter(), bar.count + num_images, time.process_time())
+            after_first_batch = (done_at or time.perf_counter(), bar.count + num_images, time.process_time())
             clock.reset()  # the split, like the steady rate, leaves start-up out
             # Start-up made millions of long-lived objects (torch, the source's key list);
             # every full garbage collection would walk them all, holding the GIL the
@@ -542,16 +547,19 @@ def cache_teachers(
             gc.freeze()
         bar.update(num_images, postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
 
-    def write(batch: LaunchedBatch, sink: _ShardSink, shard: int) -> None:
+    def write(batch: LaunchedBatch, sink: _ShardSink, shard: int, next_launched_at: float | None = None) -> None:
         nonlocal samples_written, images_cached
         with clock("teachers"):
             samples = batch.samples()  # waits for the device
+        done_at = time.perf_counter()
+        if next_launched_at is not None and not batch.asynchronous:
+            done_at = next_launched_at  # computed within its own launch (CPUs), before the next one began
         with clock("writer"):
             for sample in _with_encoded_rgb(samples, batch.good):
                 sink.put(sample)
                 samples_written += 1
         images_cached += len(batch.good)
-        progressed(batch.num_images, shard)
+        progressed(batch.num_images, shard, done_at)
 
     try:
         prepared = clock.timed_iter(inputs, "input")
@@ -567,12 +575,12 @@ def cache_teachers(
                     if p.skipped is not None:
                         sink.skipped.append(p.skipped)
                         skipped_all.append(p.skipped)
-                launched = None
+                launched, launched_at = None, time.perf_counter()
                 if good:
                     with clock("teachers"):
                         launched = launch_batch(good, teacher_objs, features, num_images=len(batch))
                 if in_flight is not None:
-                    write(in_flight, sink, shard)
+                    write(in_flight, sink, shard, launched_at)
                 if launched is None:
                     progressed(len(batch), shard)
                 in_flight = launched

@@ -94,6 +94,9 @@ class Teacher:
     model on ``device``. ``forward_calls`` counts network forwards."""
 
     def __init__(self, spec: TeacherSpec, device: torch.device) -> None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" != the weights' "cuda:0": a .to() every call
+            device = torch.device("cuda", torch.cuda.current_device())
         self.spec, self.device = spec, device
         self.name = spec.name
         path = Path(spec.checkpoint)

@@ -118,6 +118,10 @@ class StepBatches:
         micro = [next(self.batches) for _ in range(self.per_step)]
         self.wait_seconds += time.perf_counter() - start
         if self.stream is not None:
+            # pageable memory (the --online batches; the DataLoader pins its own) would make the
+            # host wait for each copy
+            micro = [{k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v for k, v in b.items()}
+                     for b in micro]
             with torch.cuda.stream(self.stream):
                 micro = [move_batch(b, self.device) for b in micro]
         return micro

@@ -33,6 +33,12 @@ class HostArrays:
         else:
             self._host = [None if t is None else t.detach().cpu() for t in tensors]
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the tensors were still being computed or copied when this was made (GPUs);
+        elsewhere they were complete before the launching call returned."""
+        return self._done is not None
+
     def arrays(self) -> list[np.ndarray | None]:
         if self._done is not None:
             self._done.synchronize()
