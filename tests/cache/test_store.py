@@ -2,6 +2,7 @@ import dataclasses
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,7 +168,7 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical(tmp_path):
     path, flag = tmp_path / "killed", tmp_path / "started"
     script = f"""
 import time, sys
-sys.path.insert(0, {str(os.getcwd())!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from dad.cache import create_cache_writer
 from tests.cache.helpers import make_header, shard_samples, shard_skipped
 header = make_header()

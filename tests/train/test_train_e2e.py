@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,9 +118,19 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, cache):
     assert not (resumed / "student_final.safetensors").exists(), "the run finished before it could be killed"
     r = _cli(*args, "--resume")
     assert r.returncode == 0, r.stderr
+    # it went on from a checkpoint (step 3 or 6, as the kill fell), not from the start
+    start = int(re.findall(r"start step (\d+)", (resumed / "train.log").read_text())[-1])
+    assert start in (3, 6), start
     a = load_depth_model(straight / "student_final.safetensors").state_dict()
     b = load_depth_model(resumed / "student_final.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = {}
+    for line in (resumed / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        logged[record["step"]] = record  # the resumed run's lines are the later ones
+    for record in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()):
+        if record["step"] > start:
+            assert logged[record["step"]]["total"] == record["total"], record["step"]
 
 
 def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path, cache):
@@ -199,14 +210,22 @@ def test_cached_loss_equals_online_loss(tmp_path, cache, scenes, tiny_checkpoint
         with torch.no_grad():
             depth, tokens = module(student_input(a["rgb"], a["jitter"]))
             la, lb = compute_losses(depth, tokens, a, cfg), compute_losses(depth, tokens, b, cfg)
-        for k in la:
-            assert abs(la[k].item() - lb[k].item()) <= 1e-3 * max(1.0, abs(lb[k].item())), k
+        for k in la:  # the cache's quantisation moves each term by ~1e-5 relative here
+            assert abs(la[k].item() - lb[k].item()) <= 1e-4 * max(1.0, abs(lb[k].item())), k
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # concurrent test runs must not meet on one fixed port
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp(tmp_path, cache):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "dad", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "dad", "train",
            "--cache", str(cache), "--student-arch", str(TINY_JSON), "--output-dir", str(out), "--batch-size", "2",
            "--num-iterations", "4", "--checkpoint-interval", "2", "--log-interval", "1", "--num-workers", "0", "--device", "cpu",
            "--grad-accum", "2"]  # DDP's no_sync on the first micro-batch, gradients in the all-reduce buckets
