@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +68,14 @@ def test_stopping_early_stops_the_workers(folder):
     gen = prepared_images(source, [(0, i) for i in range(len(source))], {**SETTINGS, "rgb_codec": "png"},
                           num_workers=2, lookahead=4)
     first = next(gen)
+    workers = multiprocessing.active_children()
+    assert workers  # the pool is up
     gen.close()  # shuts the pool down (would hang or leak processes otherwise)
     assert first.key == "img_0.png"
+    deadline = time.monotonic() + 20
+    while any(p.is_alive() for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in workers if p.is_alive()]
 
 
 def test_default_worker_counts(monkeypatch):

@@ -21,6 +21,7 @@ from dad.train.losses import (
     shared_context_loss,
     total_loss,
 )
+from dad.train.normalization import normalize_global
 
 
 def t(*values) -> torch.Tensor:
@@ -100,6 +101,12 @@ def test_constant_maps_are_finite_and_zero_when_equal():
         assert distill_loss(const, const, mode=mode).item() == 0.0
         for a, b in ((other, const), (const, other)):
             assert torch.isfinite(distill_loss(a, b, mode=mode))
+        if mode == "global":  # the constant side normalises to 0: the loss is the mean |N(other)|
+            expected = normalize_global(other).abs().flatten(1).mean(dim=1).mean()
+            assert torch.allclose(distill_loss(const, other, mode=mode), expected, atol=1e-6)
+            assert torch.allclose(distill_loss(other, const, mode=mode), expected, atol=1e-6)
+        elif mode == "none":
+            assert torch.allclose(distill_loss(const, other, mode=mode), (other - 2.0).abs().mean(), atol=1e-6)
         x = const.clone().requires_grad_(True)
         distill_loss(x, other, mode=mode).backward()
         assert torch.isfinite(x.grad).all()

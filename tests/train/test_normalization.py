@@ -242,6 +242,11 @@ def test_constant_teacher_and_constant_student():
         # the teacher normalises to 0, the student as a whole (one context per level)
         assert torch.allclose(diff, normalize_global(ds).abs().flatten(1), atol=1e-5)
         assert normalized_abs_diff(dt, dt, None, mode, 4).abs().max() == 0.0
+        # a constant student against a varying teacher: the student normalises to 0, so each
+        # pixel's error is the teacher's own |N(dt)| (global mode: one context)
+        if mode == "global":
+            assert torch.allclose(normalized_abs_diff(dt, ds, None, mode, 4), normalize_global(ds).abs().flatten(1), atol=1e-5)
+        assert torch.isfinite(normalized_abs_diff(dt, ds, None, mode, 4)).all()
 
 
 def test_a_sample_without_valid_pixels_gives_zeros():
