@@ -435,14 +435,17 @@ def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_pa
 
 
 def test_abort_with_a_full_queue_stops_the_writer_after_the_ended_shards():
-    # the writer is still busy with shard 0 while shard 1's queue fills up; then the run fails:
-    # shard 0 must still be written, shard 1 never, and the writer thread must end
-    from dad.pipeline.cache_teachers import _BackgroundWriter
+    # the writer is still busy with shard 0 while shard 1's queue is full; then the run fails:
+    # the stop mark must go in at once (not wait for room), shard 0 must still be written,
+    # shard 1 never, and the writer thread must end
+    from dad.pipeline.cache_teachers import _ABORT, _BackgroundWriter
+
+    release = threading.Event()
 
     class SlowWriter:
         def write_shard(self, shard, samples, skipped):
             if shard == 0:
-                time.sleep(1.0)
+                release.wait(30)
             return {"num_samples": sum(1 for _ in samples)}
 
     background = _BackgroundWriter(SlowWriter(), queue_size=2, log=lambda line: None)
@@ -451,9 +454,15 @@ def test_abort_with_a_full_queue_stops_the_writer_after_the_ended_shards():
     first.end()
     second = background.begin(1, 2)
     second.put("b")
-    second.put("c")  # full: the writer has not started on shard 1
-    start = time.perf_counter()
-    background.abort(second)
-    assert time.perf_counter() - start < 10
-    assert not background._thread.is_alive()
+    second.put("c")
+    assert second.queue.full()  # the writer has not started on shard 1
+    stopping = threading.Thread(target=background.abort, args=(second,))
+    stopping.start()
+    deadline = time.monotonic() + 10
+    while list(second.queue.queue) != [_ABORT] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(second.queue.queue) == [_ABORT]  # placed while shard 0 is still being written
+    release.set()
+    stopping.join(30)
+    assert not stopping.is_alive() and not background._thread.is_alive()
     assert background.records == {0: {"num_samples": 1}}
