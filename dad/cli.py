@@ -266,7 +266,9 @@ def _patches(ctx, param, value):
 
 
 @main.command("cache-teachers")
-@click.option("--images", required=True, help="Image folder (recursive), a text file listing paths, or tar shards (glob/braces).")
+@click.option("--images", required=True,
+              help="Image folder (recursive), a text file listing paths (relative ones from the list file's own "
+                   "folder), or tar shards (glob/braces).")
 @click.option("--teacher", "teachers", multiple=True, required=True, help="[NAME=]CKPT[:ARCH], repeatable; ARCH only for foreign checkpoints of custom size.")
 @click.option("--output", required=True, type=click.Path(), help="Cache directory (created, or resumed if it exists).")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "webdataset"]), default="zarr", show_default=True)

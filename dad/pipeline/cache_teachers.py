@@ -31,11 +31,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from dad.cache.codecs import DEFAULT_RGB_CODEC, rgb_extension
+from dad.cache.layout import recorded_shards, shard_name
 from dad.cache.sample_codec import RGBEncodedSample
 from dad.cache.schema import FORMATS, CacheSample, SkippedInput, sample_key
 from dad.errors import ConfigError
@@ -285,7 +287,7 @@ class _BackgroundWriter:
                 record = self.writer.write_shard(shard, self._drain(samples), skipped)
                 self.records[shard] = record
                 n = record.get("num_samples", record.get("samples", "?")) if isinstance(record, dict) else "?"
-                self.log(f"shard {shard + 1}/{total} written: {n} samples, {len(skipped)} skipped "
+                self.log(f"shard {shard_name(shard)} (of {total}) written: {n} samples, {len(skipped)} skipped "
                          f"({time.perf_counter() - t0:.1f} s)")
             except _Aborted:
                 return
@@ -492,6 +494,7 @@ def cache_teachers(
 
     log = (lambda msg: print(f"cache-teachers: {msg}", file=sys.stderr, flush=True)) if show_progress else (lambda msg: None)
     source = open_source(images)
+    source.check_some_exist()
     dev = _device_for(device, split)
     teacher_objs = [Teacher(spec, dev) for spec in parse_teacher_specs(teachers)]
     if features:
@@ -514,7 +517,7 @@ def cache_teachers(
     mine = [k for k in range(total_shards) if split.owns(k)]
     todo = [k for k in mine if not writer.is_complete(k)]
     n_keys = len(source.keys)
-    log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index + 1}/{split.num_parts} "
+    log(f"{n_keys} images in {total_shards} shards of {images_per_shard}; part {split.part_index} of {split.num_parts} "
         f"({split.source}) owns {len(mine)} shards, {len(mine) - len(todo)} already complete; device {dev}, "
         f"{num_workers} image worker process{'es' if num_workers != 1 else ''}, depth/features encoded by "
         + ("the writer thread" if encode_workers == 1 else f"{encode_workers} threads"))
@@ -545,7 +548,7 @@ def cache_teachers(
             # every full garbage collection would walk them all, holding the GIL the
             # teachers need (a large share of this process's GIL time in a py-spy profile)
             gc.freeze()
-        bar.update(num_images, postfix=f"shard {shard + 1}/{total_shards}, {len(skipped_all)} skipped")
+        bar.update(num_images, postfix=f"shard {shard_name(shard)}, {len(skipped_all)} skipped")
 
     def write(batch: LaunchedBatch, sink: _ShardSink, shard: int, next_launched_at: float | None = None) -> None:
         nonlocal samples_written, images_cached
@@ -606,10 +609,17 @@ def cache_teachers(
         steady = round((len(work) - after_first_batch[1]) / (t_end - after_first_batch[0]), 2)
         main_cpu_ms = round(1000 * (time.process_time() - after_first_batch[2]) / (len(work) - after_first_batch[1]), 1)
     split_after_start = clock.fractions()
-    if steady is not None:
+    if work and not images_cached:
+        reasons = sorted({s.reason.split(": ", 1)[-1].split(" (")[0] for s in skipped_all})
+        log(f"no image was cached: all {len(work)} inputs were skipped ({'; '.join(reasons[:3])}); "
+            "check --images (`dad cache-info` lists every skipped input)")
+    elif steady is not None:
         log(f"{steady:.2f} img/s after the first batch; {clock.describe()}")
     if finalized:
         log(f"all {total_shards} shards complete: manifest written to {output}")
+    else:
+        done = len(recorded_shards(Path(output), total_shards))
+        log(f"{done} of {total_shards} shards complete; the cache is finished when the other parts have run")
     return {
         "output": str(output), "format": fmt, "num_images": n_keys, "num_shards": total_shards,
         "part": {"index": split.part_index, "count": split.num_parts, "from": split.source},

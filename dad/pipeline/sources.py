@@ -71,6 +71,18 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def check_some_exist(self, probe: int = 32) -> None:
+        """Raise DataError when none of ``probe`` inputs spread over the list exists (a list file
+        of paths that resolve elsewhere, a moved folder): better now than an empty cache later."""
+        n = len(self)
+        picks = range(n) if n <= probe else sorted({round(i * (n - 1) / (probe - 1)) for i in range(probe)})
+        files = [self._refs[i] for i in picks if isinstance(self._refs[i], _FileRef)]
+        if files and not any(os.path.exists(r.path) for r in files):
+            hint = (" (paths in a list file are taken relative to the list file's own folder, unless absolute)"
+                    if self.kind == "list" else "")
+            raise DataError(f"{self.description}: none of the {len(files)} inputs checked exists, e.g. {files[0].path}{hint}; "
+                            "fix the paths")
+
     # Pickled once per stage-1 worker process: a million inputs as a few long strings and arrays
     # (~0.1 s) rather than a million objects (~2 s each time, in the parent's main thread).
     def __getstate__(self) -> dict:

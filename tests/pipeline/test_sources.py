@@ -167,3 +167,13 @@ def test_sources_survive_pickling_for_the_worker_processes(tmp_path, tree):
         copy = pickle.loads(pickle.dumps(src))
         assert (copy.kind, copy.description, copy.keys) == (src.kind, src.description, src.keys)
         assert dict(iter(copy)) == dict(iter(src))
+
+
+def test_a_list_of_paths_that_resolve_nowhere_is_refused_up_front(tmp_path, tree):
+    lst = tmp_path / "lists" / "list.txt"
+    lst.parent.mkdir()
+    lst.write_text("imgs/b.png\nimgs/z.tif\n")  # relative to the current folder, not to the list's
+    with pytest.raises(DataError, match=r"none of the 2 inputs checked exists, .*relative to the list file's own folder"):
+        open_source(lst).check_some_exist()
+    lst.write_text("../imgs/b.png\nimgs/missing.png\n")  # some exist: the missing one is skipped later
+    open_source(lst).check_some_exist()
