@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 from collections import OrderedDict
 import threading
@@ -73,6 +74,33 @@ def _remove(path: Path) -> None:
 # writing
 
 
+_FLAGS = {"global_crop_size": "--global-crop-size", "local_crop_size": "--local-crop-size", "min_region": "--min-region",
+          "regions_per_image": "--regions-per-image", "patches": "--patches", "num_patches": "--patches",
+          "grid_seed": "--grid-seed", "features": "--features/--no-features", "feature_dim": "--feature-dim",
+          "rgb_codec": "--rgb-codec", "images_per_shard": "--shard-size"}
+
+
+def _setting_of(diff: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The user's name for the first differing field of two cache headers."""
+    path = diff.split(":", 1)[0]
+    field = path.rsplit(".", 1)[-1]
+    teacher = re.match(r"header\.teachers\[(\d+)\]", path)
+    if path == "format":
+        return "--format"
+    if path.startswith("encoding"):
+        return "the encodings (a cache made by another dad version)"
+    if teacher:
+        i = int(teacher.group(1))
+        names = [t.get("name") for t in old.get("teachers", [])], [t.get("name") for t in new.get("teachers", [])]
+        if field == "sha256":
+            return f"teacher {names[1][i] if i < len(names[1]) else i}'s checkpoint file (another file than the cache's)"
+        return f"the teachers ({', '.join(map(str, names[0]))} in the cache, {', '.join(map(str, names[1]))} now)"
+    if field in ("image_keys_sha256", "num_images", "num_shards"):
+        return (f"the images ({old.get('num_images')} in the cache, {new.get('num_images')} now; the cache keeps only a "
+                "hash of their list)") if field != "num_shards" or old.get("num_images") != new.get("num_images") else "--shard-size"
+    return _FLAGS.get(field, field)
+
+
 def _identity(part: str, value: Any) -> Any:
     """What must agree between two runs into one cache: everything but where each teacher's
     checkpoint file was found (a relative path from another folder is the same teacher; its
@@ -120,8 +148,9 @@ class CacheWriter:
             if diff:
                 break
         if diff:
-            raise CacheError(f"{self.root}: exists with a different configuration ({diff}); pass the settings it was "
-                             f"made with (`dad cache-info {self.root}` lists them), or write to a new --output")
+            what = _setting_of(diff, existing.get("header") or {}, self._base["header"])
+            raise CacheError(f"{self.root}: exists with a different configuration: {what} ({diff}); pass the settings "
+                             f"it was made with (`dad cache-info {self.root}` lists them), or write to a new --output")
 
     def _encoder_pool(self) -> ThreadPoolExecutor | None:
         if self.encode_workers <= 1:
