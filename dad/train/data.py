@@ -24,16 +24,28 @@ from dad.errors import ConfigError, DataError
 from dad.infer import normalize
 
 
-def teacher_for_step(seed: int, step: int, names: Sequence[str], probs: dict[str, float]) -> str:
-    """The teacher drawn for optimizer step ``step`` (uniform unless ``probs`` given)."""
+def teacher_probabilities(names: Sequence[str], probs: dict[str, float]) -> dict[str, float]:
+    """Each teacher's chance per step: ``probs`` normalised (a teacher it leaves out: 0), or
+    uniform when empty. Names it has that the caches lack are a ConfigError naming both sides."""
     if probs:
-        unknown = sorted(set(probs) - set(names))
+        unknown = [n for n in probs if n not in names]
         if unknown:
-            raise ConfigError(f"--teacher-probs names {unknown}, but the cache has teachers {list(names)}")
+            example = ",".join(f"{n}={p:g}" for n, p in zip(names, sorted(probs.values(), reverse=True)))
+            raise ConfigError(f"--teacher-probs: no teacher {', '.join(unknown)} in the cache (it has "
+                              f"{', '.join(names)}); use those names, e.g. --teacher-probs {example}")
         weights = np.array([probs.get(n, 0.0) for n in names], dtype=np.float64)
     else:
         weights = np.ones(len(names), dtype=np.float64)
-    weights /= weights.sum()
+    return dict(zip(names, (weights / weights.sum()).tolist()))
+
+
+def describe_probabilities(probabilities: dict[str, float]) -> str:
+    return ", ".join(f"{n} {p:.2f}" for n, p in probabilities.items())
+
+
+def teacher_for_step(seed: int, step: int, names: Sequence[str], probs: dict[str, float]) -> str:
+    """The teacher drawn for optimizer step ``step`` (uniform unless ``probs`` given)."""
+    weights = np.array(list(teacher_probabilities(names, probs).values()), dtype=np.float64)
     rng = np.random.default_rng([seed, step, 0x7EAC])
     return names[int(rng.choice(len(names), p=weights))]
 
@@ -68,6 +80,7 @@ class StepSampler:
                  pools: dict[str, np.ndarray] | None = None) -> None:
         self.num_samples, self.batch_size, self.grad_accum = num_samples, batch_size, grad_accum
         self.teachers, self.teacher_probs, self.seed = list(teachers), teacher_probs, seed
+        self.probabilities = teacher_probabilities(self.teachers, teacher_probs)  # checked once, at start
         self.rank, self.world_size = rank, world_size
         self.total_steps, self.start_step = total_steps, start_step
         if self.batches_per_epoch < grad_accum:

@@ -210,30 +210,34 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
 
 
 class RunLogger:
-    """Console lines mirrored to train.log; one JSON object per log step in metrics.jsonl."""
+    """Console lines mirrored to train.log; one JSON object per log step in metrics.jsonl. The
+    files are opened at their first line, so a run refused at start-up leaves nothing behind."""
 
     def __init__(self, out_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
         self.out_dir = out_dir
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.log = open(out_dir / "train.log", "a", buffering=1)
-            self.metrics = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self._files: dict[str, Any] = {}
+
+    def _file(self, name: str):
+        if name not in self._files:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._files[name] = open(self.out_dir / name, "a", buffering=1)
+        return self._files[name]
 
     def info(self, text: str) -> None:
         if self.enabled:
             line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
             print(line, flush=True)
-            self.log.write(line + "\n")
+            self._file("train.log").write(line + "\n")
 
     def metric(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            self.metrics.write(json.dumps(record, sort_keys=True) + "\n")
+            self._file("metrics.jsonl").write(json.dumps(record, sort_keys=True) + "\n")
 
     def close(self) -> None:
-        if self.enabled:
-            self.log.close()
-            self.metrics.close()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 # --------------------------------------------------------------------------------------------

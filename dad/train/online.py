@@ -22,7 +22,7 @@ from dad.pipeline.grid import check_grid_settings, parse_patches
 from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, parse_teacher_specs
 from dad.train.config import TrainConfig
-from dad.train.data import BatchPlan, StepSampler, make_batch
+from dad.train.data import BatchPlan, StepSampler, describe_probabilities, make_batch
 from dad.train.sources import SamplerBackedSource
 
 
@@ -48,7 +48,8 @@ class OnlineBatchSource(SamplerBackedSource):
 
     def describe(self) -> str:
         workers = f"{self.cfg.num_workers} image worker processes" if self.cfg.num_workers else "images read in this process"
-        return f"online: {len(self.source)} images from {self.cfg.images}, live teachers {', '.join(self.teachers)}, {workers}"
+        return (f"online: {len(self.source)} images from {self.cfg.images}, live teachers drawn per step: "
+                f"{describe_probabilities(self.sampler.probabilities)}, {workers}")
 
     def _image_indices(self, plan: BatchPlan) -> tuple[int, ...]:
         """The images ``plan`` reads (sample i is region i % R of image i // R), each once."""

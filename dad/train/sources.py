@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dad.train.config import TrainConfig, check_grid_matches_cache
-from dad.train.data import CachedDistillDataset, StepSampler
+from dad.train.data import CachedDistillDataset, StepSampler, describe_probabilities
 
 
 def _passthrough(batch: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +53,7 @@ class CachedBatchSource(SamplerBackedSource):
         self.dataset = CachedDistillDataset(cache, cfg.seed, cfg.flip_prob, cfg.color_jitter, want_features)
 
     def describe(self) -> str:
-        text = f"{len(self.cache)} cached samples, teachers {', '.join(self.teachers)}"
+        text = f"{len(self.cache)} cached samples, teachers drawn per step: {describe_probabilities(self.sampler.probabilities)}"
         unfinished = [c for c in getattr(self.cache, "caches", [self.cache]) if len(c.complete_shards) < c.num_shards]
         for c in unfinished:  # allowed (start training while caching goes on), but it changes what a resume sees
             text += (f"; NOTE {c.root} is unfinished ({len(c.complete_shards)}/{c.num_shards} shards): only its complete "

@@ -57,6 +57,11 @@ def test_teacher_probs_parsing_and_draws():
     assert {teacher_for_step(0, s, ["a", "b"], {"a": 1.0}) for s in range(100)} == {"a"}
     with pytest.raises(ConfigError, match="teacher-probs"):
         teacher_for_step(0, 0, ["a"], {"z": 1.0})
+    from dad.train.data import StepSampler, describe_probabilities
+
+    with pytest.raises(ConfigError, match=r"no teacher large, base in the cache \(it has a, b\); .*--teacher-probs a=0.7,b=0.3"):
+        StepSampler(8, 2, 1, ["a", "b"], {"large": 0.7, "base": 0.3}, 0)  # refused at start, not at the first draw
+    assert describe_probabilities(StepSampler(8, 2, 1, ["a", "b"], {"a": 3.0}, 0).probabilities) == "a 1.00, b 0.00"
 
 
 def test_sampler_is_disjoint_across_ranks_and_resumable():

@@ -358,6 +358,7 @@ def test_crop_flags_given_to_a_cached_run_must_be_the_caches(tmp_path, cache):
 
     with pytest.raises(ConfigError, match=r"--global-crop-size 518: the cache was made with 42; .*drop the flag"):
         train(_cfg(cache, tmp_path / "other", global_crop_size=518))
+    assert not (tmp_path / "other").exists()  # a refused run leaves nothing behind
     assert train(_cfg(cache, tmp_path / "same", global_crop_size=42, min_region=48, num_iterations=1))["steps"] == 1
     r = _cli("train", "--cache", cache, "--student-arch", TINY_JSON, "--output-dir", tmp_path / "seed",
              "--teacher_models", "depthanything-large", "--teacher_checkpoints", "vitl.pth")
