@@ -80,8 +80,8 @@ def infer(checkpoint, arch, input_size, output_dir, save, batch_size, device, pr
     click.echo(f"wrote {len(result.written)} files to {output_dir}")
     if result.failed:
         click.echo(f"{len(result.failed)} input(s) failed:", err=True)
-        for path, reason in result.failed:
-            click.echo(f"  {path}: {reason}", err=True)
+        for path, reason in result.failed:  # the reason names the file already
+            click.echo(f"  {reason if str(path) in reason else f'{path}: {reason}'}", err=True)
         sys.exit(1)
 
 

@@ -98,7 +98,7 @@ def format_cache_info(info: dict[str, Any]) -> str:
     if info["temporary_files"]:
         lines.append(f"temporary  {len(info['temporary_files'])} unfinished payload(s) in shards/ (a running or killed job)")
     for s in info["skipped"]:
-        lines.append(f"skipped    {s['key']}: {s['reason']}")
+        lines.append(f"skipped    {s['reason'] if s['reason'].startswith(s['key']) else s['key'] + ': ' + s['reason']}")
     return "\n".join(lines)
 
 

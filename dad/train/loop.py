@@ -17,6 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import numpy as np
@@ -388,8 +389,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     out_dir = Path(cfg.output_dir)
     logger = RunLogger(out_dir, info.is_main)
+    progress = SimpleNamespace(step=None, saved=None)  # for the message of an interrupted run
     try:
-        return _train(cfg, info, device, out_dir, logger, make_batch_source)
+        return _train(cfg, info, device, out_dir, logger, make_batch_source, progress)
+    except KeyboardInterrupt:
+        if progress.step is not None:
+            logger.info(f"interrupted at step {progress.step}; --resume continues from step {progress.saved} "
+                        f"({'its checkpoint' if progress.saved else 'the start: no checkpoint yet'})")
+        raise
     finally:
         gc.unfreeze()  # the loop froze start-up's objects; a caller going on needs them collectable
         logger.close()
@@ -397,7 +404,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, Any]:
+def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: SimpleNamespace) -> dict[str, Any]:
     state = None
     if cfg.resume and (out_dir / STATE_FILE).exists():
         try:
@@ -488,6 +495,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
             window["applied"] += 1
         return terms, applied
 
+    progress.step = progress.saved = step
     while step < total_steps:
         wait_before = batches.wait_seconds
         micro = batches.take()
@@ -503,6 +511,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
             scheduler.step()
         step += 1
         window["samples"] += cfg.batch_size * cfg.grad_accum * info.world_size
+        progress.step = step
         logging = step % cfg.log_interval == 0 or step == total_steps
         saving = step % cfg.checkpoint_interval == 0 or step == total_steps
         validating = bool(validator) and step % cfg.val_interval == 0
@@ -538,6 +547,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source) -> dict[str, A
                                     {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run})
                 if cfg.keep_checkpoints:
                     prune_checkpoints(out_dir, cfg.keep_checkpoints)
+            progress.saved = step
             if dist.is_initialized():
                 dist.barrier()
     final = out_dir / "student_final.safetensors"

@@ -375,3 +375,20 @@ def test_a_resume_with_other_options_says_what_changed(tmp_path, cache):
     assert "--resume: --lr was 0.0005 in the run resumed, now 0.001" in log
     assert "--resume: --num-iterations was 3 in the run resumed, now 6" in log
     assert "--resume: --seed" not in log and "--resume: --cache" not in log
+
+
+def test_ctrl_c_says_which_step_a_resume_continues_from(tmp_path, cache):
+    out = tmp_path / "run"
+    args = ["train", "--cache", cache, "--student-arch", TINY_JSON, "--output-dir", out, "--num-iterations", 400,
+            "--checkpoint-interval", 3, "--log-interval", 1, "--num-workers", 0, "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "dad", *map(str, args)], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "student_checkpoint_3.safetensors").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    saved = re.findall(r"--resume continues from step (\d+) \(its checkpoint\)", stdout)
+    assert saved and (out / f"student_checkpoint_{saved[0]}.safetensors").exists(), stdout[-2000:]
+    assert "Traceback" not in stderr
