@@ -55,6 +55,7 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
         "images_total": int(header["num_images"]), "images_cached": sum(r["num_images"] for r in records),
         "samples": samples, "regions_per_image": header["regions_per_image"],
         "skipped": [s for r in records for s in r["skipped"]],
+        "notes": _summed_notes(records),
         "teachers": header["teachers"], "config": header.get("config", {}),
         "sizes": {k: header.get(k) for k in ("global_crop_size", "local_crop_size", "num_patches", "features",
                                              "feature_dim", "rgb_codec", "images_per_shard")},
@@ -66,6 +67,24 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
         "rgb_bytes_per_pixel": _ratio(by_kind["rgb"], rgb_pixels),
         "temporary_files": [p.name for p in leftover_temps(root)],
     }
+
+
+NOTE_MEANINGS = {"upscaled": "smaller than --local-crop-size: upscaled first",
+                 "whole_short_side": "short side below --min-region: the whole short side is the region",
+                 "patch_gaps": "the patch grid leaves gaps in the region (region > patches x --local-crop-size)"}
+
+
+def _summed_notes(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Samples per kind of note (records of older caches have no counts)."""
+    out: dict[str, int] = {}
+    for r in records:
+        for kind, n in (r.get("note_counts") or {}).items():
+            out[kind] = out.get(kind, 0) + int(n)
+    return dict(sorted(out.items()))
+
+
+def describe_notes(notes: dict[str, int]) -> str:
+    return "; ".join(f"{n} {kind} ({NOTE_MEANINGS.get(kind, 'see the samples')})" for kind, n in notes.items())
 
 
 def _mb(n: float) -> str:
@@ -95,6 +114,8 @@ def format_cache_info(info: dict[str, Any]) -> str:
         f"rgb {num(info['rgb_bytes_per_pixel'])} B/pixel",
         "config     " + ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items())),
     ]
+    if info["notes"]:
+        lines.append(f"notes      samples: {describe_notes(info['notes'])}")
     if info["temporary_files"]:
         lines.append(f"temporary  {len(info['temporary_files'])} unfinished payload(s) in shards/ (a running or killed job)")
     for s in info["skipped"]:

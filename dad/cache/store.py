@@ -200,11 +200,16 @@ class CacheWriter:
         tmp = shards / temp_name(k, self.fmt)
         max_samples = self.images_per_shard * self.regions_per_image
 
+        note_counts: dict[str, int] = {}
+
         def encoded() -> Iterator[EncodedSample]:
             count = 0
             encode = functools.partial(encode_sample, geo=self.geometry)
             for e in ordered_map(encode, samples, self._encoder_pool(), 2 * self.encode_workers):
                 count += 1
+                for note in e.notes:  # how odd inputs were handled, by kind ("upscaled: x2.1, ..." -> upscaled)
+                    kind = note.split(":", 1)[0]
+                    note_counts[kind] = note_counts.get(kind, 0) + 1
                 if count > max_samples:
                     raise CacheError(f"shard {k}: more than {max_samples} samples (images_per_shard x regions_per_image); "
                                      "the samples do not match the header")
@@ -251,6 +256,7 @@ class CacheWriter:
             "depth_pixels": n * self.geometry.depth_pixels_per_sample,
             "feature_values": n * self.geometry.feature_values_per_sample,
             "rgb_pixels": n * self.geometry.rgb_pixels_per_sample,
+            "note_counts": dict(sorted(note_counts.items())),
         }
         if self.fmt == "webdataset":
             record["tar_index"] = {"fields": stored["tar_index"]["fields"], "offsets": stored["tar_index"]["offsets"]}

@@ -179,6 +179,14 @@ def test_every_good_image_cached_bad_ones_skipped(reference, image_dir):
     assert any(n.startswith("upscaled") for n in notes["h_tiny.png"])
     assert any(n.startswith("whole_short_side") for n in notes["i_short.png"])
     assert not notes["a.png"]
+    # counted in the run's summary and in cache-info, so nobody has to open the shards to learn it
+    from dad.cache import cache_info, format_cache_info
+
+    kinds = {}
+    for n in (n.split(":")[0] for ns in notes.values() for n in ns):
+        kinds[n] = kinds.get(n, 0) + 1
+    assert summary["notes"] == cache_info(out)["notes"] == dict(sorted(kinds.items())) and kinds["upscaled"] >= 1
+    assert "upscaled (smaller than --local-crop-size" in format_cache_info(cache_info(out))
 
 
 def test_cached_values_equal_the_teacher_on_the_recorded_crop(reference, image_dir, teachers):
