@@ -502,6 +502,12 @@ class CacheConcat:
             raise CacheError("no cache given; pass --cache at least once")
         self.caches = list(caches)
         first = self.caches[0]
+        for i, c in enumerate(self.caches):
+            for d in self.caches[:i]:
+                shared = sorted(set(c.teachers) & set(d.teachers))
+                if shared and all(c.config.get(k) == d.config.get(k) for k in ("image_keys_sha256", "num_images")):
+                    raise CacheError(f"{c.root} and {d.root} both hold teacher {shared[0]} on the same images: every "
+                                     "sample would be drawn twice as often; pass one of them")
         for c in self.caches[1:]:
             for k in self.SHARED:
                 if c.config.get(k) != first.config.get(k):

@@ -394,6 +394,11 @@ def test_open_caches_concatenates(tmp_path):
     with pytest.raises(CacheError, match="global_crop_size is 70"):
         open_caches([tmp_path / "a", tmp_path / "big"])
     assert open_caches(tmp_path / "a").keys() == a.keys()
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "a_again")  # the same teachers on the same images
+    with pytest.raises(CacheError, match=r"both hold teacher alpha on the same images: .*pass one of them"):
+        open_caches([tmp_path / "a", tmp_path / "a_again"])
 
 
 def test_open_errors_are_one_line(tmp_path):
