@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -92,11 +93,19 @@ def infer(checkpoint, arch, input_size, output_dir, save, batch_size, device, pr
               help="Architecture if it cannot be read or detected from SRC.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Store weights in this dtype (default: float32).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @handle_errors
-def convert(src, dst, arch, dtype):
-    """Convert any accepted checkpoint format to a self-describing dad safetensors file."""
+def convert(src, dst, arch, dtype, overwrite):
+    """Convert any accepted checkpoint format to a self-describing dad safetensors file.
+
+    --arch is a size name (vits|vitb|vitl|vitg) or a JSON file: upstream's {"encoder": "vits",
+    "features": 64, "out_channels": [48, 96, 192, 384]}, or all of dad's fields (see the dad.arch
+    metadata of any dad checkpoint)."""
+    from dad.errors import CheckpointError
     from dad.models import convert_checkpoint, read_checkpoint_metadata
 
+    if Path(dst).exists() and not overwrite:
+        raise CheckpointError(f"{dst}: exists (a teacher a cache was made with, perhaps); add --overwrite to replace it")
     path = convert_checkpoint(src, dst, arch=arch, dtype=dtype)
     meta = read_checkpoint_metadata(path)
     click.echo(f"wrote {path} (arch {meta['arch']['name']}, {dtype or 'float32'})")

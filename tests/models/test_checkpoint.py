@@ -142,6 +142,11 @@ def test_cli_convert_then_infer_without_arch(tmp_path, photo_paths):
     assert (tmp_path / "out" / f"{photo_paths[0].stem}.npy").exists()
     r = run("convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    before = dst.read_bytes()
+    r = run("convert", str(DATA / "tiny_dav2.pth"), str(dst), "--arch", str(TINY_JSON), "--dtype", "float16")
+    assert r.returncode == 2 and "add --overwrite" in r.stderr and dst.read_bytes() == before
+    r = run("convert", str(DATA / "tiny_dav2.pth"), str(dst), "--arch", str(TINY_JSON), "--dtype", "float16", "--overwrite")
+    assert r.returncode == 0 and dst.read_bytes() != before
 
 
 def test_more_layouts_nested_wrappers_and_a_torch_file_named_safetensors(tmp_path):
