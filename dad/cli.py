@@ -182,7 +182,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--images", help="--online: image source, as for cache-teachers.")
 @click.option("--global-crop-size", "--global_crop_size", "global_crop_size", type=int, help="--online: region view size [560]. With --cache, if given, it must be the cache's.")
 @click.option("--local-crop-size", "--local_crop_size", "local_crop_size", type=int, help="--online: patch size [560]. With --cache, if given, it must be the cache's.")
-@click.option("--min-region", "--min_local_crop", "min_region", type=int, help="--online: smallest region side [644]. With --cache, if given, it must be the cache's.")
+@click.option("--min-region", "--min_local_crop", "--min-local-crop", "min_region", type=int, help="--online: smallest region side [644]. With --cache, if given, it must be the cache's.")
 @click.option("--regions-per-image", "--regions_per_image", "regions_per_image", type=int, help="--online: regions per image [1]. With --cache, if given, it must be the cache's.")
 @click.option("--patches", help="--online: patch grid AxB [2x2]. With --cache, if given, it must be the cache's.")
 @click.option("--feature-dim", "--feature_dim", "feature_dim", type=int, help="--online: reduced feature width [64]. With --cache, if given, it must be the cache's.")
@@ -199,8 +199,7 @@ def train(ctx, config_file, **_):
     cli_values.pop("config_file", None)
     file_values = read_config_file(config_file) if config_file else {}
     cfg = build_config(file_values, cli_values)
-    summary = run_training(cfg)
-    click.echo(f"final checkpoint: {summary['final']}")
+    run_training(cfg)  # its log's last line names the final checkpoint
 
 
 # ---------------------------------------------------------------------------------------------

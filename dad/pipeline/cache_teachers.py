@@ -626,7 +626,7 @@ def cache_teachers(
 
         log(f"samples handled specially: {describe_notes(dict(sorted(note_counts.items())))}")
     if finalized:
-        log(f"all {total_shards} shards complete: manifest written to {output}")
+        log(f"all {total_shards} shards complete; the manifest is {Path(output) / 'manifest.json'}")
     else:
         done = len(recorded_shards(Path(output), total_shards))
         log(f"{done} of {total_shards} shards complete; the cache is finished when the other parts have run")

@@ -231,7 +231,13 @@ def _scan_tar(path: str) -> list[tuple[str, _TarRef]]:
                     entries.append((member.name, _TarRef(path, member.offset_data, member.size)))
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{path}: not a readable tar file ({e}); webdataset shards must be plain .tar files") from None
-    return entries
+    # as in a folder: X_depth.png beside X.png (in one tar folder) is ground truth, not an input
+    stems: dict[str, set[str]] = {}
+    for name, _ in entries:
+        folder, base = os.path.split(name)
+        stems.setdefault(folder, set()).add(os.path.splitext(base)[0])
+    return [(name, ref) for name, ref in entries
+            if not is_paired_depth_map(os.path.basename(name), stems[os.path.dirname(name)])]
 
 
 def open_source(images: str | os.PathLike) -> ImageSource:

@@ -133,6 +133,9 @@ def test_tar_shards_by_glob_and_braces_match_folder(tmp_path, tree):
     single = open_source(tmp_path / "data-001.tar")
     assert single.keys == names[2:]
     assert len(keys) == len(names)
+    # an RGB-D tar: X_depth.png beside X.png is ground truth, left out as in a folder
+    _write_tar(tmp_path / "rgbd.tar", {"s/x.png": _png(0), "s/x_depth.png": _png(1), "t/y_depth.png": _png(2)})
+    assert open_source(tmp_path / "rgbd.tar").keys == ["s/x.png", "t/y_depth.png"]
 
 
 def test_duplicate_tar_keys_and_empty_sources_are_errors(tmp_path):
