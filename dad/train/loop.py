@@ -545,6 +545,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 save_depth_model(module.student, out_dir / f"student_checkpoint_{step}.safetensors", extra=extra)
                 save_training_state(out_dir, step, module, optimizer, scheduler,
                                     {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run})
+                progress.saved = step  # what --resume now finds
                 if cfg.keep_checkpoints:
                     prune_checkpoints(out_dir, cfg.keep_checkpoints)
             progress.saved = step

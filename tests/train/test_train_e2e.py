@@ -384,8 +384,8 @@ def test_ctrl_c_says_which_step_a_resume_continues_from(tmp_path, cache):
     proc = subprocess.Popen([sys.executable, "-m", "dad", *map(str, args)], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "student_checkpoint_3.safetensors").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while not (out / "train_state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the state names the checkpoint a resume starts from
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
