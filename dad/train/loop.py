@@ -305,6 +305,17 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
 # state
 
 
+def check_ranks_agree(module: nn.Module, step: int) -> None:
+    """DDP keeps every rank's weights identical (the same start, the same averaged gradients);
+    checked at each checkpoint, since only rank 0's weights are saved. Raises DadError if not."""
+    total = torch.stack([p.detach().float().sum() for p in module.parameters()]).sum().reshape(1)
+    every = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, total)
+    if any(not torch.equal(x, every[0]) for x in every):
+        raise DadError(f"step {step}: the ranks' weights differ ({', '.join(f'{x.item():.6g}' for x in every)}); "
+                       "the run is not data-parallel training any more: report it, and resume from an earlier checkpoint")
+
+
 def rng_state() -> dict[str, Any]:
     """Every global RNG, as tensors and plain Python values (loadable with weights_only=True)."""
     np_state = np.random.get_state(legacy=False)
@@ -540,6 +551,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 logger.metric({"step": step, "val": v.name, **result})
                 logger.info(f"step {step} val {v.name}: " + " ".join(f"{k} {x:.4f}" for k, x in result.items()))
         if step % cfg.checkpoint_interval == 0 or step == total_steps:
+            if dist.is_initialized():
+                check_ranks_agree(module, step)
             if info.is_main:
                 extra = {"step": step, "train_config": cfg.to_dict()}
                 save_depth_model(module.student, out_dir / f"student_checkpoint_{step}.safetensors", extra=extra)

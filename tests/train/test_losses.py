@@ -203,6 +203,17 @@ def test_local_global_is_the_mean_over_patches():
     assert torch.allclose(local_global_loss(view, patches, boxes, sides), expected, atol=1e-6)
 
 
+def test_local_global_of_a_patch_covering_the_region_is_l_dis_on_the_view_by_hand():
+    # one patch whose box is the whole region, at the view's size: the crop is the view itself
+    # (samples at the same pixel centres), so L_lg is L_Dis of the view: here the 1x1x4 case
+    # worked by hand in test_distill_loss_1x1x4_by_hand (global: 1.0), laid out as 2x2
+    ds = t(0.0, 1.0, 2.0, 3.0).view(1, 2, 2)
+    dt = t(0.0, 0.0, 0.0, 4.0).view(1, 1, 2, 2)
+    box = torch.tensor([[[0.0, 0.0, 6.0, 6.0]]])  # a 6 px region seen as a 2 px view
+    got = local_global_loss(ds, dt, box, torch.tensor([6.0]), mode="global")
+    assert abs(got.item() - 1.0) < 1e-5
+
+
 # --------------------------------------------------------------------------------------------
 # features
 

@@ -94,3 +94,43 @@ def test_student_init_reads_any_file_as_the_student_and_encoder_only_leaves_the_
         _init_student(TrainConfig(student_arch=str(narrow), **base))
     with pytest.raises(ConfigError, match="its encoder does not fit --student-arch vits"):
         _init_student(TrainConfig(student_arch="vits", init_encoder_only=True, **base))
+
+
+def _check_in_rank(rank: int, init_file: str, perturb: bool, results) -> None:
+    import torch.distributed as dist
+
+    from dad.errors import DadError
+    from dad.train.loop import check_ranks_agree
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        if perturb and rank == 1:
+            with torch.no_grad():
+                model.weight[0, 0] += 1e-3
+        try:
+            check_ranks_agree(model, step=7)
+            results.put((rank, "agree"))
+        except DadError as e:
+            results.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_ranks_whose_weights_drifted_apart_are_caught(tmp_path, perturb):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_check_in_rank, args=(r, str(tmp_path / "init"), perturb, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    if perturb:
+        assert all("step 7: the ranks' weights differ" in got[r] for r in (0, 1)), got
+    else:
+        assert got == {0: "agree", 1: "agree"}
