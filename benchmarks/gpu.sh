@@ -59,7 +59,7 @@ for name in train train-compile; do
         flag=()
         [[ $name == train-compile ]] && flag=(--compile)
         part "$name" "$py" benchmarks/train.py --teacher-arch vitl --student-arch vitb --size 560 --images 64 \
-            --batch-size 4 --steps 30 --num-workers 8 "${flag[@]}"
+            --batch-size 4 --steps 30 --num-workers 8 ${flag[@]+"${flag[@]}"}
     fi
 done
 if ((${#failed[@]})); then

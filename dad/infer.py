@@ -7,7 +7,7 @@ import functools
 import math
 import os
 import sys
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,10 +194,10 @@ def output_names(paths: Sequence[Path], kinds: Iterable[str]) -> dict[Path, str]
         deepest = max(len(parents[p]) for p in group)
         depth = next((d for d in range(deepest + 1) if len(
             {tuple(x.lower() for x in parents[p][len(parents[p]) - d:]) for p in group} if d else {()}) == len(folders_apart)), deepest)
+        per_folder = Counter(tuple(parents[p]) for p in group)
         for p in group:
             folders = parents[p][max(0, len(parents[p]) - depth):]
-            same_folder = [q for q in group if parents[q] == parents[p]]
-            names[p] = "/".join([*folders, p.name if len(same_folder) > 1 else p.stem])
+            names[p] = "/".join([*folders, p.name if per_folder[tuple(parents[p])] > 1 else p.stem])
     taken: set[str] = set()
     suffixes = [OUTPUT_SUFFIXES[k] for k in kinds if k in OUTPUT_SUFFIXES]
     for p in paths:  # in input order: the first image keeps its name, a later clash gets _2, _3, ...

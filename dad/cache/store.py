@@ -505,7 +505,9 @@ class CacheConcat:
         for i, c in enumerate(self.caches):
             for d in self.caches[:i]:
                 shared = sorted(set(c.teachers) & set(d.teachers))
-                if shared and all(c.config.get(k) == d.config.get(k) for k in ("image_keys_sha256", "num_images")):
+                same_crops = all(c.config.get("config", {}).get(k) == d.config.get("config", {}).get(k) for k in
+                                 ("grid_seed", "min_region", "regions_per_image", "global_crop_size", "local_crop_size", "patches"))
+                if shared and same_crops and all(c.config.get(k) == d.config.get(k) for k in ("image_keys_sha256", "num_images")):
                     raise CacheError(f"{c.root} and {d.root} both hold teacher {shared[0]} on the same images: every "
                                      "sample would be drawn twice as often; pass one of them")
         for c in self.caches[1:]:

@@ -146,12 +146,22 @@ def resolve_work_split(num_parts: int | None = None, part_index: int | None = No
     if part is None:
         return WorkSplit(world, rank, launcher, local_rank)
     k, i, where = part
+    if where == "flags" and k == world:
+        # `--num-shards $WORLD_SIZE --shard-index $RANK` (or srun's counterparts): the flags
+        # already give each process its part; nesting them would leave most shards to nobody
+        if i == rank:
+            return WorkSplit(k, i, "flags", local_rank)
+        raise ConfigError(f"--num-shards {k} is the number of {launcher} processes, but --shard-index {i} is not this "
+                          f"process's rank {rank}: give each process its own (--shard-index $RANK), or drop both flags "
+                          "(the processes split the work themselves), or use --num-shards for parts split further")
     return WorkSplit(k * world, i + k * rank, f"{where}+{launcher}", local_rank)
 
 
 def _device_for(device: str, split: WorkSplit) -> torch.device:
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None and split.local_rank is not None:
+        if torch.cuda.device_count() == 1:  # one GPU bound to each task (srun --gpus-per-task=1): it is cuda:0
+            split = dataclasses.replace(split, local_rank=0)
         if split.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"local rank {split.local_rank} ({split.source}) but only {torch.cuda.device_count()} GPU(s) "
                               "are visible; start as many processes per node as GPUs at most")
@@ -540,10 +550,11 @@ def cache_teachers(
     clock = _TimeSplit()
     inputs = prepared_images(source, work, settings, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
 
-    def progressed(num_images: int, shard: int, done_at: float | None = None) -> None:
+    def progressed(num_images: int, shard: int, done_at: tuple[float, float] | None = None) -> None:
         nonlocal after_first_batch
         if after_first_batch is None:
-            after_first_batch = (done_at or time.perf_counter(), bar.count + num_images, time.process_time())
+            wall, cpu = done_at or (time.perf_counter(), time.process_time())
+            after_first_batch = (wall, bar.count + num_images, cpu)
             clock.reset()  # the split, like the steady rate, leaves start-up out
             # Start-up made millions of long-lived objects (torch, the source's key list);
             # every full garbage collection would walk them all, holding the GIL the
@@ -551,11 +562,11 @@ def cache_teachers(
             gc.freeze()
         bar.update(num_images, postfix=f"shard {shard_name(shard)}, {len(skipped_all)} skipped")
 
-    def write(batch: LaunchedBatch, sink: _ShardSink, shard: int, next_launched_at: float | None = None) -> None:
+    def write(batch: LaunchedBatch, sink: _ShardSink, shard: int, next_launched_at: tuple[float, float] | None = None) -> None:
         nonlocal samples_written, images_cached
         with clock("teachers"):
             samples = batch.samples()  # waits for the device
-        done_at = time.perf_counter()
+        done_at = (time.perf_counter(), time.process_time())
         if next_launched_at is not None and not batch.asynchronous:
             done_at = next_launched_at  # computed within its own launch (CPUs), before the next one began
         with clock("writer"):
@@ -584,7 +595,7 @@ def cache_teachers(
                     if p.skipped is not None:
                         sink.skipped.append(p.skipped)
                         skipped_all.append(p.skipped)
-                launched, launched_at = None, time.perf_counter()
+                launched, launched_at = None, (time.perf_counter(), time.process_time())
                 if good:
                     with clock("teachers"):
                         launched = launch_batch(good, teacher_objs, features, num_images=len(batch))

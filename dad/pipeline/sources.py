@@ -16,6 +16,7 @@ images. Keys are what the cache calls images:
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -30,7 +31,13 @@ import numpy as np
 from dad.errors import DataError, StorageError
 from dad.utils.images import IMAGE_EXTENSIONS, is_paired_depth_map
 
-READ_ATTEMPTS = 3  # tries of a read that failed with an OS error other than missing / not permitted
+READ_ATTEMPTS = 3  # tries of a read that failed with a storage error (below)
+# errors that say something about the storage, not the input: retried, then the job stops (a
+# re-run reads the input again); any other OS error (missing, not permitted, name too long,
+# a symlink loop, ...) makes the input a skipped one
+_TRANSIENT_ERRNOS = {getattr(errno, name) for name in ("EIO", "ESTALE", "EMFILE", "ENFILE", "ETIMEDOUT", "EAGAIN",
+                                                      "EINTR", "EBUSY", "ENOMEM", "ECONNRESET", "ENETDOWN", "EHOSTDOWN",
+                                                      "ENOLINK", "ECOMM", "EREMOTEIO") if hasattr(errno, name)}
 
 
 class _TransientReadError(Exception):
@@ -142,10 +149,10 @@ class ImageSource:
             return data
         except FileNotFoundError:
             raise DataError(f"{key}: file not found ({_where(ref)})") from None
-        except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
-            raise DataError(f"{key}: cannot read {_where(ref)} ({e})") from None
         except OSError as e:
-            raise _TransientReadError(e) from None
+            if e.errno in _TRANSIENT_ERRNOS:
+                raise _TransientReadError(e) from None
+            raise DataError(f"{key}: cannot read {_where(ref)} ({e})") from None  # the input's own fault
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         """(key, bytes) in key order; for small sources and tests (stage 1 reads by index)."""

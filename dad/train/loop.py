@@ -311,7 +311,7 @@ def check_ranks_agree(module: nn.Module, step: int) -> None:
     total = torch.stack([p.detach().float().sum() for p in module.parameters()]).sum().reshape(1)
     every = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
     dist.all_gather(every, total)
-    if any(not torch.equal(x, every[0]) for x in every):
+    if any(not torch.equal(x.view(torch.int32), every[0].view(torch.int32)) for x in every):  # bits: NaN == NaN
         raise DadError(f"step {step}: the ranks' weights differ ({', '.join(f'{x.item():.6g}' for x in every)}); "
                        "the run is not data-parallel training any more: report it, and resume from an earlier checkpoint")
 
@@ -457,6 +457,13 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         load_rng_state(state["rng"])
+        names = {id(p): n for n, p in module.named_parameters()}
+        bases = [cfg.lr * (cfg.encoder_lr_mult if names[id(g["params"][0])].startswith("student.pretrained.") else 1.0)
+                 for g in optimizer.param_groups]
+        if bases != scheduler.base_lrs:  # --lr or --encoder-lr-mult changed on resume: the new rates, same schedule
+            scheduler.base_lrs = bases
+            for g, base in zip(optimizer.param_groups, bases):
+                g["initial_lr"], g["lr"] = base, base * lr_lambda(scheduler.last_epoch, cfg.warmup_steps, total_steps)
     ddp_module: nn.Module = module
     if info.world_size > 1:
         # gradients as views into the all-reduce buckets: no copy in and out of them each step
@@ -525,7 +532,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         progress.step = step
         logging = step % cfg.log_interval == 0 or step == total_steps
         saving = step % cfg.checkpoint_interval == 0 or step == total_steps
-        validating = bool(validator) and step % cfg.val_interval == 0
+        validating = bool(cfg.val) and step % cfg.val_interval == 0  # the same on every rank (only rank 0 validates)
         while len(in_flight) > (0 if logging or saving or validating else 1):
             terms, applied = account(*in_flight.pop(0))
         if logging:

@@ -25,11 +25,13 @@ class HostArrays:
 
     def __init__(self, tensors: Sequence[torch.Tensor | None]) -> None:
         self._done: torch.cuda.Event | None = None
-        if any(t is not None and t.is_cuda for t in tensors):
-            self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                          for t in tensors]
-            self._done = torch.cuda.Event()
-            self._done.record()
+        on_gpu = [t for t in tensors if t is not None and t.is_cuda]
+        if on_gpu:
+            with torch.cuda.device(on_gpu[0].device):  # queued, and waited for, on that GPU's stream (not cuda:0's)
+                self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                              for t in tensors]
+                self._done = torch.cuda.Event()
+                self._done.record(torch.cuda.current_stream(on_gpu[0].device))
         else:
             self._host = [None if t is None else t.detach().cpu() for t in tensors]
 

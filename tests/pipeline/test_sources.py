@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import tarfile
 from pathlib import Path
@@ -93,8 +94,6 @@ def _failing_open(monkeypatch, failures: int, error: OSError) -> list[int]:
 
 
 def test_storage_errors_are_retried_then_stop_instead_of_skipping(tmp_path, tree, monkeypatch):
-    import errno
-
     from dad.errors import StorageError
 
     src = open_source(tmp_path / "imgs")
@@ -107,6 +106,10 @@ def test_storage_errors_are_retried_then_stop_instead_of_skipping(tmp_path, tree
     # the input's own fault is no storage error: recorded as bad at once, not retried
     calls = _failing_open(monkeypatch, 99, PermissionError(errno.EACCES, "Permission denied"))
     with pytest.raises(DataError, match="cannot read"):
+        src.read(i)
+    assert len(calls) == 1
+    calls = _failing_open(monkeypatch, 99, OSError(errno.ENAMETOOLONG, "File name too long"))
+    with pytest.raises(DataError, match="File name too long"):  # the input's fault too: skipped, not retried
         src.read(i)
     assert len(calls) == 1
 

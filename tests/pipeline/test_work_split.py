@@ -31,6 +31,15 @@ def test_the_processes_of_a_job_split_its_part_among_them(part, launcher):
     assert sorted(k for mine in owned for k in mine) == [k for k in range(60) if k % 3 == 2]
 
 
+def test_flags_naming_each_process_its_own_part_are_not_split_again():
+    # the old recipe, `srun ... --num-shards $SLURM_NTASKS --shard-index $SLURM_PROCID`
+    env = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "2"}
+    s = resolve_work_split(4, 2, env)
+    assert (s.num_parts, s.part_index, s.source) == (4, 2, "flags")
+    with pytest.raises(ConfigError, match=r"--shard-index 1 is not this process's rank 2"):
+        resolve_work_split(4, 1, env)  # every process the same part of as many parts as processes: ambiguous
+
+
 def test_srun_tasks_split_alone_but_a_batch_scripts_ntasks_does_not():
     s = resolve_work_split(environ={"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"})
     assert (s.num_parts, s.part_index, s.source, s.local_rank) == (2, 1, "srun", 0)

@@ -96,7 +96,7 @@ def test_student_init_reads_any_file_as_the_student_and_encoder_only_leaves_the_
         _init_student(TrainConfig(student_arch="vits", init_encoder_only=True, **base))
 
 
-def _check_in_rank(rank: int, init_file: str, perturb: bool, results) -> None:
+def _check_in_rank(rank: int, init_file: str, perturb, results) -> None:
     import torch.distributed as dist
 
     from dad.errors import DadError
@@ -106,8 +106,10 @@ def _check_in_rank(rank: int, init_file: str, perturb: bool, results) -> None:
     try:
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 3)
-        if perturb and rank == 1:
-            with torch.no_grad():
+        with torch.no_grad():
+            if perturb == "nan":  # every rank broken alike: not a disagreement
+                model.weight[0, 0] = float("nan")
+            elif perturb and rank == 1:
                 model.weight[0, 0] += 1e-3
         try:
             check_ranks_agree(model, step=7)
@@ -118,7 +120,7 @@ def _check_in_rank(rank: int, init_file: str, perturb: bool, results) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("perturb", [False, True])
+@pytest.mark.parametrize("perturb", [False, True, "nan"])
 def test_ranks_whose_weights_drifted_apart_are_caught(tmp_path, perturb):
     import multiprocessing
 
@@ -130,7 +132,7 @@ def test_ranks_whose_weights_drifted_apart_are_caught(tmp_path, perturb):
     got = dict(results.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(60)
-    if perturb:
+    if perturb is True:
         assert all("step 7: the ranks' weights differ" in got[r] for r in (0, 1)), got
     else:
         assert got == {0: "agree", 1: "agree"}
