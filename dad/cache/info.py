@@ -55,7 +55,7 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
         "images_total": int(header["num_images"]), "images_cached": sum(r["num_images"] for r in records),
         "samples": samples, "regions_per_image": header["regions_per_image"],
         "skipped": [s for r in records for s in r["skipped"]],
-        "notes": _summed_notes(records),
+        "notes": summed_notes(records),
         "teachers": header["teachers"], "config": header.get("config", {}),
         "sizes": {k: header.get(k) for k in ("global_crop_size", "local_crop_size", "num_patches", "features",
                                              "feature_dim", "rgb_codec", "images_per_shard")},
@@ -74,7 +74,7 @@ NOTE_MEANINGS = {"upscaled": "smaller than --local-crop-size: upscaled first",
                  "patch_gaps": "the patch grid leaves gaps in the region (region > patches x --local-crop-size)"}
 
 
-def _summed_notes(records: list[dict[str, Any]]) -> dict[str, int]:
+def summed_notes(records: list[dict[str, Any]]) -> dict[str, int]:
     """Samples per kind of note (records of older caches have no counts)."""
     out: dict[str, int] = {}
     for r in records:

@@ -542,7 +542,6 @@ def cache_teachers(
     work = [(k, i) for k in todo for i in range(k * images_per_shard, min((k + 1) * images_per_shard, n_keys))]
     bar = Progress(len(work), desc="cache-teachers", unit="img", enabled=show_progress)
     images_cached = samples_written = 0
-    note_counts: dict[str, int] = {}  # samples per kind of note (upscaled, whole_short_side, patch_gaps)
     after_first_batch: tuple[float, int, float] | None = None  # (time, images done, CPU time) after start-up
     skipped_all: list[SkippedInput] = []
     background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log)
@@ -574,11 +573,6 @@ def cache_teachers(
                 sink.put(sample)
                 samples_written += 1
         images_cached += len(batch.good)
-        for g in batch.good:
-            for plan in g.plans:
-                for note in plan.notes:
-                    kind = note.split(":", 1)[0]
-                    note_counts[kind] = note_counts.get(kind, 0) + 1
         progressed(batch.num_images, shard, done_at)
 
     try:
@@ -632,10 +626,11 @@ def cache_teachers(
             "check --images (`dad cache-info` lists every skipped input)")
     elif steady is not None:
         log(f"{steady:.2f} img/s after the first batch; {clock.describe()}")
-    if note_counts:
-        from dad.cache.info import describe_notes
+    from dad.cache.info import describe_notes, summed_notes
 
-        log(f"samples handled specially: {describe_notes(dict(sorted(note_counts.items())))}")
+    note_counts = summed_notes(list(background.records.values()))  # of the shards this run wrote
+    if note_counts:
+        log(f"samples handled specially: {describe_notes(note_counts)}")
     if finalized:
         log(f"all {total_shards} shards complete; the manifest is {Path(output) / 'manifest.json'}")
     else:
@@ -646,7 +641,7 @@ def cache_teachers(
         "part": {"index": split.part_index, "count": split.num_parts, "from": split.source},
         "shards_owned": len(mine), "shards_written": len(todo), "shards_already_complete": len(mine) - len(todo),
         "images_cached": images_cached, "samples_written": samples_written,
-        "skipped": len(skipped_all), "notes": dict(sorted(note_counts.items())),
+        "skipped": len(skipped_all), "notes": note_counts,
         "skipped_inputs": [s.to_dict() for s in skipped_all[:MAX_SKIPPED_IN_SUMMARY]],  # all: the cache manifest
         "teacher_forwards": {t.name: t.forward_calls for t in teacher_objs},
         "finalized": bool(finalized), "device": str(dev), "seconds": round(seconds, 2),

@@ -430,8 +430,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
     start_step = int(state["step"]) if state else 0
     if state and isinstance(state.get("config"), dict):  # a resume with other options: say what changed
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
-                   if k not in ("resume",) and hasattr(cfg, k) and v != getattr(cfg, k) and not
-                   (isinstance(v, list) and list(getattr(cfg, k) or []) == v)}
+                   if k != "resume" and hasattr(cfg, k) and v != getattr(cfg, k)}
         for k, (before, now) in sorted(changed.items()):
             logger.info(f"--resume: --{k.replace('_', '-')} was {before!r} in the run resumed, now {now!r}")
 
@@ -557,7 +556,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 result = v.run(module.student)
                 logger.metric({"step": step, "val": v.name, **result})
                 logger.info(f"step {step} val {v.name}: " + " ".join(f"{k} {x:.4f}" for k, x in result.items()))
-        if step % cfg.checkpoint_interval == 0 or step == total_steps:
+        if saving:
             if dist.is_initialized():
                 check_ranks_agree(module, step)
             if info.is_main:
@@ -568,7 +567,6 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 progress.saved = step  # what --resume now finds
                 if cfg.keep_checkpoints:
                     prune_checkpoints(out_dir, cfg.keep_checkpoints)
-            progress.saved = step
             if dist.is_initialized():
                 dist.barrier()
     final = out_dir / "student_final.safetensors"
