@@ -95,9 +95,11 @@ def _setting_of(diff: str, old: dict[str, Any], new: dict[str, Any]) -> str:
         if field == "sha256":
             return f"teacher {names[1][i] if i < len(names[1]) else i}'s checkpoint file (another file than the cache's)"
         return f"the teachers ({', '.join(map(str, names[0]))} in the cache, {', '.join(map(str, names[1]))} now)"
+    if field == "num_shards" and old.get("num_images") == new.get("num_images"):
+        return "--shard-size"
     if field in ("image_keys_sha256", "num_images", "num_shards"):
         return (f"the images ({old.get('num_images')} in the cache, {new.get('num_images')} now; the cache keeps only a "
-                "hash of their list)") if field != "num_shards" or old.get("num_images") != new.get("num_images") else "--shard-size"
+                "hash of their list)")
     return _FLAGS.get(field, field)
 
 
