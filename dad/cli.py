@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from pathlib import Path
 
 import click
 
@@ -101,12 +100,9 @@ def convert(src, dst, arch, dtype, overwrite):
     --arch is a size name (vits|vitb|vitl|vitg) or a JSON file: upstream's {"encoder": "vits",
     "features": 64, "out_channels": [48, 96, 192, 384]}, or all of dad's fields (see the dad.arch
     metadata of any dad checkpoint)."""
-    from dad.errors import CheckpointError
     from dad.models import convert_checkpoint, read_checkpoint_metadata
 
-    if Path(dst).exists() and not overwrite:
-        raise CheckpointError(f"{dst}: exists (a teacher a cache was made with, perhaps); add --overwrite to replace it")
-    path = convert_checkpoint(src, dst, arch=arch, dtype=dtype)
+    path = convert_checkpoint(src, dst, arch=arch, dtype=dtype, overwrite=overwrite)
     meta = read_checkpoint_metadata(path)
     click.echo(f"wrote {path} (arch {meta['arch']['name']}, {dtype or 'float32'})")
 

@@ -303,9 +303,13 @@ def _new_file_mode() -> int:
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, arch: ArchSpec = None, dtype: str | None = None
+    src: str | os.PathLike, dst: str | os.PathLike, arch: ArchSpec = None, dtype: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Any accepted format -> a dad safetensors file that loads with no ``arch``."""
+    """Any accepted format -> a dad safetensors file that loads with no ``arch``. An existing
+    ``dst`` is replaced only with ``overwrite``."""
+    if Path(dst).exists() and not overwrite:
+        raise CheckpointError(f"{dst}: exists (a teacher a cache was made with, perhaps); add --overwrite to replace it")
     model = load_depth_model(src, arch=arch)
     return save_depth_model(model, dst, dtype=dtype, extra={"converted_from": str(Path(src).name), "sha256": file_sha256(src)})
 
