@@ -44,6 +44,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def indexed(device: torch.device) -> torch.device:
+    """A bare "cuda" as the GPU it means now, "cuda:N": tensors report their index, and
+    torch.device("cuda") != torch.device("cuda:0")."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
+
+
 def autocast_for(device: torch.device, precision: str = "bf16"):
     """bf16 autocast on CUDA (upstream practice); full precision elsewhere."""
     if precision == "bf16" and device.type == "cuda":

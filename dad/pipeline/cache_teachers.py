@@ -41,7 +41,7 @@ from dad.cache.layout import recorded_shards, shard_name
 from dad.cache.sample_codec import RGBEncodedSample
 from dad.cache.schema import FORMATS, CacheSample, SkippedInput, sample_key
 from dad.errors import ConfigError
-from dad.infer import resolve_device
+from dad.infer import indexed, resolve_device
 from dad.pipeline.features import PROJECTION_METHOD
 from dad.pipeline.grid import GRID_VERSION, RESAMPLING, check_grid_settings, parse_patches
 from dad.pipeline.prepare import PreparedImage, prepared_images
@@ -166,9 +166,8 @@ def _device_for(device: str, split: WorkSplit) -> torch.device:
             raise ConfigError(f"local rank {split.local_rank} ({split.source}) but only {torch.cuda.device_count()} GPU(s) "
                               "are visible; start as many processes per node as GPUs at most")
         dev = torch.device("cuda", split.local_rank)
-    if dev.type == "cuda" and dev.index is None:  # "cuda" would not compare equal to the weights' "cuda:0"
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type == "cuda" and dev.index is not None:  # set_device rejects a bare "cuda"
+    dev = indexed(dev)  # the teachers compare it with their weights' device
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev
 

@@ -26,7 +26,7 @@ import torch
 
 from dad.cache.schema import TeacherInfo
 from dad.errors import CheckpointError, ConfigError
-from dad.infer import autocast_for, normalize
+from dad.infer import autocast_for, indexed, normalize
 from dad.models import (
     MODEL_ALIASES,
     MODEL_CONFIGS,
@@ -94,9 +94,7 @@ class Teacher:
     model on ``device``. ``forward_calls`` counts network forwards."""
 
     def __init__(self, spec: TeacherSpec, device: torch.device) -> None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" != the weights' "cuda:0": a .to() every call
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = indexed(torch.device(device))  # compared with the weights' device before every forward
         self.spec, self.device = spec, device
         self.name = spec.name
         path = Path(spec.checkpoint)
