@@ -28,6 +28,9 @@ from PIL import Image
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-arch", default="vitl")
+    ap.add_argument("--teacher-checkpoint", default=None,
+                    help="a trained teacher instead of --teacher-arch's random weights (smooth, compressible depth: "
+                         "realistic decoding work for the data workers), e.g. dad/assets/teacher_synthetic.safetensors")
     ap.add_argument("--student-arch", default="vitb")
     ap.add_argument("--size", type=int, default=560, help="region view size")
     ap.add_argument("--local", type=int, default=None, help="patch size (default: --size)")
@@ -58,7 +61,8 @@ def main() -> None:
         rgb, _ = render_scene(i, side, int(side * 4 / 3))
         Image.fromarray(rgb).save(images / f"img_{i:04d}.png")
     torch.manual_seed(0)
-    teacher = save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors")
+    teacher = (Path(args.teacher_checkpoint) if args.teacher_checkpoint
+               else save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors"))
     grid = dict(global_crop_size=args.size, local_crop_size=local, min_region=max(args.size, local), regions_per_image=1,
                 patches="2x2", feature_dim=64, grid_seed=0)
     cache = work / "cache"
@@ -92,7 +96,7 @@ def main() -> None:
         results[mode] = (sum(samples) / args.batch_size / sum(seconds), waited / sum(seconds), steps)
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print(f"\nteacher {args.teacher_arch}, student {args.student_arch}, {args.size}px views, {local}px 2x2 patches, "
+    print(f"\nteacher {args.teacher_checkpoint or args.teacher_arch}, student {args.student_arch}, {args.size}px views, {local}px 2x2 patches, "
           f"batch {args.batch_size}, device {dev}")
     print(f"{'source':<8} {'steps/s':>9} {'data wait':>10} {'steps run':>10}")
     for mode, (sps, wait, steps) in results.items():

@@ -348,13 +348,13 @@ def save_training_state(out_dir: Path, step: int, module: DistillModule, optimiz
     os.replace(tmp, out_dir / STATE_FILE)
 
 
-def prune_checkpoints(out_dir: Path, keep: int) -> list[Path]:
+def prune_checkpoints(out_dir: Path, keep: int, current: int | None = None) -> list[Path]:
     """Delete all but the ``keep`` newest student_checkpoint_{step}.safetensors of ``out_dir``
-    (earlier runs' included). Called after the training state naming the newest is written, so
-    a resume always finds its checkpoint. Returns the deleted paths."""
+    (earlier runs' included), never the one of step ``current`` (the one the training state
+    names, which a resume needs). Returns the deleted paths."""
     steps = sorted((int(m.group(1)), p) for p in out_dir.glob("student_checkpoint_*.safetensors")
                    if (m := re.fullmatch(r"student_checkpoint_(\d+)\.safetensors", p.name)))
-    old = [p for _, p in steps[:-keep]] if keep > 0 else []
+    old = [p for step, p in steps[:-keep] if step != current] if keep > 0 else []
     for p in old:
         p.unlink(missing_ok=True)
     return old
@@ -566,7 +566,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                                     {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run})
                 progress.saved = step  # what --resume now finds
                 if cfg.keep_checkpoints:
-                    prune_checkpoints(out_dir, cfg.keep_checkpoints)
+                    prune_checkpoints(out_dir, cfg.keep_checkpoints, current=step)
             if dist.is_initialized():
                 dist.barrier()
     final = out_dir / "student_final.safetensors"

@@ -150,6 +150,14 @@ def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path, cache
         "student_checkpoint_7.safetensors", "student_checkpoint_8.safetensors"]
     with pytest.raises(ConfigError, match="--keep-checkpoints: must be >= 0"):
         _cfg(cache, tmp_path / "x", keep_checkpoints=-1)
+    # checkpoints of higher steps left by an earlier run do not push out the one a resume needs
+    from dad.train.loop import prune_checkpoints
+
+    for step in (50, 60):
+        (out / f"student_checkpoint_{step}.safetensors").write_bytes(b"old run")
+    prune_checkpoints(out, 2, current=8)
+    assert sorted(p.name for p in out.glob("student_checkpoint_[0-9]*.safetensors")) == [
+        "student_checkpoint_50.safetensors", "student_checkpoint_60.safetensors", "student_checkpoint_8.safetensors"]
 
 
 def test_one_teacher_per_cache_trains_on_each_teachers_own_samples(tmp_path, cache, scenes, tiny_checkpoint):
