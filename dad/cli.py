@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -28,7 +29,8 @@ def handle_errors(fn=None, *, on_interrupt: str = ""):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo(f"interrupted{': ' + on_interrupt if on_interrupt else ''}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per process
+                click.echo(f"interrupted{': ' + on_interrupt if on_interrupt else ''}", err=True)
             sys.exit(130)
 
     return wrapper

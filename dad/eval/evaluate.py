@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from dad.errors import ConfigError
+from dad.errors import ConfigError, DadError
 from dad.eval.datasets import EvalDataset, dataset_label, open_eval_dataset, parse_dataset_spec
 from dad.eval.metrics import MIN_ALIGNED_DISPARITY, evaluate_prediction, mean_metrics
 from dad.infer import predict_preprocessed, preprocess, resolve_device
@@ -242,8 +242,11 @@ class Validator:
 
     def __init__(self, dataset_spec: str, input_size: int = 518, split: str | os.PathLike | None = None,
                  precision: str = "fp32") -> None:
-        _, _, count = parse_dataset_spec(dataset_spec)
-        self.dataset = open_eval_dataset(dataset_spec, split=split, limit=count)
+        try:
+            _, _, count = parse_dataset_spec(dataset_spec)
+            self.dataset = open_eval_dataset(dataset_spec, split=split, limit=count)
+        except DadError as e:  # the same datasets as `dad eval --dataset`, given here as --val
+            raise type(e)(str(e).replace("--dataset", "--val")) from None
         self.name = dataset_label(self.dataset) + (f":{count}" if count else "")
         self.input_size = int(input_size)
         self.precision = precision

@@ -311,7 +311,11 @@ def convert_checkpoint(
     if Path(dst).exists() and not overwrite:
         raise CheckpointError(f"{dst}: exists (a teacher a cache was made with, perhaps); add --overwrite to replace it")
     model = load_depth_model(src, arch=arch)
-    return save_depth_model(model, dst, dtype=dtype, extra={"converted_from": str(Path(src).name), "sha256": file_sha256(src)})
+    extra = {"converted_from": str(Path(src).name), "sha256": file_sha256(src)}
+    before = read_checkpoint_metadata(src).get("extra")
+    if before:  # a dad checkpoint's own record (training step, configuration) goes along
+        extra["source_extra"] = before
+    return save_depth_model(model, dst, dtype=dtype, extra=extra)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -7,6 +7,7 @@ same names (with '-' or '_'); flags given on the command line override it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -195,14 +196,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+_PYTHON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list, str),
+                 "dict": (dict, str), "None": (type(None),)}
+
+
+def _check_file_value(key: str, value: Any, type_text: str) -> None:
+    """A --config value of the option's type (the file's TOML/YAML types: no flag parsing there)."""
+    kinds = [part.strip().split("[")[0] for part in type_text.split("|")]
+    allowed = tuple(t for kind in kinds for t in _PYTHON_TYPES.get(kind, (object,)))
+    if not isinstance(value, allowed) or (isinstance(value, bool) and "bool" not in kinds):
+        want = " or ".join(k for k in kinds if k != "None")
+        raise ConfigError(f"--config: {key} = {value!r} is not {'an' if want[0] in 'aeiou' else 'a'} {want}; fix it in the file")
+
+
 def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
     """Merge defaults <- config file <- explicitly given flags, then validate."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     merged: dict[str, Any] = {}
     for source, values in (("--config", file_values), ("flag", cli_values)):
         for k, v in values.items():
-            if k not in known:
-                raise ConfigError(f"{source}: unknown option {k.replace('_', '-')!r}; see `dad train --help`")
+            if k not in types:
+                close = difflib.get_close_matches(k, types, n=1)
+                raise ConfigError(f"{source}: unknown option {k!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                  + "; see `dad train --help`")
+            if source == "--config":
+                _check_file_value(k, v, str(types[k]))
             merged[k] = v
     for k in ("cache", "val", "teachers"):
         if isinstance(merged.get(k), str):

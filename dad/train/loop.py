@@ -477,7 +477,9 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(cfg.to_json() + "\n")
+        # the run's configuration; a resume keeps it and adds its own beside it
+        name = f"config.resumed_at_{start_step}.json" if state else "config.json"
+        (out_dir / name).write_text(cfg.to_json() + "\n")
         logger.info(
             f"training {student.config.name} student for {total_steps} steps ({source.describe()}), "
             f"world size {info.world_size}, device {device}, start step {start_step}"
@@ -516,6 +518,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
     while step < total_steps:
         wait_before = batches.wait_seconds
         micro = batches.take()
+        if step == start_step:  # the loader's start-up (worker processes, first reads) is not a step's wait
+            window, wait_before = _new_window(), batches.wait_seconds
         teacher = micro[0]["teacher"]
         in_flight.append((step + 1, train_step(ddp_module, optimizer, micro, cfg, device)))
         if step + 1 < total_steps:
@@ -551,6 +555,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait_frac']:.1f}%"
             )
             window = _new_window()
+        paused = time.perf_counter()  # validation and checkpoints are not training throughput
         if validator and (validating or step == total_steps):
             for v in validator:
                 result = v.run(module.student)
@@ -569,6 +574,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                     prune_checkpoints(out_dir, cfg.keep_checkpoints, current=step)
             if dist.is_initialized():
                 dist.barrier()
+        window["t0"] += time.perf_counter() - paused
     final = out_dir / "student_final.safetensors"
     if info.is_main:
         save_depth_model(module.student, final, extra={"step": step, "train_config": cfg.to_dict()})

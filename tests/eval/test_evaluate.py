@@ -154,3 +154,12 @@ def test_validator_first_n_images(tiny_model, tmp_path):
     assert Validator(str(data), input_size=140).name == "valset"
     with pytest.raises(DataError):
         Validator(f"{tmp_path / 'nothing'}:4")
+
+
+def test_validation_errors_name_the_val_flag(tmp_path):
+    from dad.errors import DadError
+    from dad.eval.evaluate import Validator
+
+    with pytest.raises(DadError, match="--val") as e:
+        Validator(str(tmp_path / "nothere") + ":4")
+    assert "--dataset" not in str(e.value)

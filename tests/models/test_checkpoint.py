@@ -149,6 +149,14 @@ def test_cli_convert_then_infer_without_arch(tmp_path, photo_paths):
     assert r.returncode == 0 and dst.read_bytes() != before
 
 
+def test_convert_keeps_the_source_checkpoints_record(tmp_path):
+    model = load_depth_model(TINY_SAFETENSORS, arch=TINY_JSON)
+    trained = save_depth_model(model, tmp_path / "student_final.safetensors", extra={"step": 7, "train_config": {"lr": 1}})
+    half = convert_checkpoint(trained, tmp_path / "half.safetensors", dtype="float16")
+    extra = read_checkpoint_metadata(half)["extra"]
+    assert extra["converted_from"] == "student_final.safetensors" and extra["source_extra"]["step"] == 7
+
+
 def test_more_layouts_nested_wrappers_and_a_torch_file_named_safetensors(tmp_path):
     ref = _reference_state()
     nested = tmp_path / "nested.pth"

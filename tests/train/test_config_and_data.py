@@ -42,8 +42,19 @@ def test_config_file_then_flags_override(tmp_path):
     assert build_config(read_config_file(toml), {"output_dir": "o", "student_arch": "vits"}).teacher_probs == {"a": 0.7, "b": 0.3}
     bad = tmp_path / "bad.toml"
     bad.write_text("bogus_option = 1\n")
-    with pytest.raises(ConfigError, match="bogus-option"):
+    with pytest.raises(ConfigError, match="unknown option 'bogus_option'"):
         build_config(read_config_file(bad), _base())
+    bad.write_text("batch_sise = 2\n")
+    with pytest.raises(ConfigError, match="unknown option 'batch_sise' \\(did you mean 'batch_size'\\?\\)"):
+        build_config(read_config_file(bad), _base())
+    bad.write_text('num_iterations = "four"\n')  # a one-line error naming the key, not a TypeError deep inside
+    with pytest.raises(ConfigError, match="--config: num_iterations = 'four' is not an int"):
+        build_config(read_config_file(bad), _base())
+    bad.write_text("compile = 1\nlr = 1\n")
+    with pytest.raises(ConfigError, match="compile = 1 is not a bool"):
+        build_config(read_config_file(bad), _base())
+    bad.write_text("lr = 1\nnum_epochs = 3\nval = \"nyuv2:/d\"\n")  # ints are floats; optional and list values
+    assert build_config(read_config_file(bad), _base()).lr == 1
 
 
 def test_teacher_probs_parsing_and_draws():

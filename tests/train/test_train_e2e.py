@@ -383,6 +383,9 @@ def test_a_resume_with_other_options_says_what_changed(tmp_path, cache):
     assert "--resume: --lr was 0.0005 in the run resumed, now 0.001" in log
     assert "--resume: --num-iterations was 3 in the run resumed, now 6" in log
     assert "--resume: --seed" not in log and "--resume: --cache" not in log
+    # the run's configuration stays; the resume's is written beside it
+    assert json.loads((out / "config.json").read_text())["lr"] == 5e-4
+    assert json.loads((out / "config.resumed_at_3.json").read_text())["lr"] == 1e-3
     # and the new rate is the one used (the schedule restored from the state kept the old base)
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert sorted({g["initial_lr"] for g in state["optimizer"]["param_groups"]}) == pytest.approx([1e-4, 1e-3])
