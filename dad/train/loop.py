@@ -479,10 +479,17 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         out_dir.mkdir(parents=True, exist_ok=True)
         # the run's configuration; a resume keeps it and adds its own beside it
         name = f"config.resumed_at_{start_step}.json" if state else "config.json"
-        (out_dir / name).write_text(cfg.to_json() + "\n")
+        # with what the options left open, as this run resolved it
+        resolved = {"teacher_probabilities": source.sampler.probabilities, "total_steps": total_steps,
+                    "samples_per_step": cfg.batch_size * cfg.grad_accum * info.world_size, "world_size": info.world_size,
+                    "device": str(device), "autocast": "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "none",
+                    "crop_grid": getattr(source, "grid_config", None), "student_arch": student.config.to_dict()}
+        (out_dir / name).write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2, sort_keys=True) + "\n")
         logger.info(
             f"training {student.config.name} student for {total_steps} steps ({source.describe()}), "
-            f"world size {info.world_size}, device {device}, start step {start_step}"
+            f"{resolved['samples_per_step']} samples a step ({cfg.batch_size} x {cfg.grad_accum} accumulated x "
+            f"{info.world_size} ranks), lr {cfg.lr:g} (encoder x{cfg.encoder_lr_mult:g}), {cfg.normalization} normalisation, "
+            f"device {device}, start step {start_step}"
         )
     nonfinite_run = int(state.get("nonfinite_run", 0)) if state else 0  # skipped steps in a row, across a resume
     step = start_step

@@ -21,7 +21,7 @@ from dad.pipeline.prepare import PreparedImage, first_good_image, first_good_ima
 from dad.pipeline.grid import check_grid_settings, parse_patches
 from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, parse_teacher_specs
-from dad.train.config import TrainConfig
+from dad.train.config import ONLINE_GRID, TrainConfig
 from dad.train.data import BatchPlan, StepSampler, describe_probabilities, make_batch
 from dad.train.sources import SamplerBackedSource
 
@@ -42,6 +42,7 @@ class OnlineBatchSource(SamplerBackedSource):
                                    start_step=start_step)
         self._reported: set[str] = set()
         # prepare_image's settings: the crop grid of --online, no RGB encoding (nothing is stored)
+        self.grid_config = {k: getattr(cfg, k) for k in ONLINE_GRID}  # the crops trained on
         self.settings = {"grid_seed": cfg.grid_seed, "min_region": cfg.min_region, "global_crop_size": cfg.global_crop_size,
                          "local_crop_size": cfg.local_crop_size, "regions_per_image": cfg.regions_per_image,
                          "patches": self.patches, "rgb_codec": None}

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from dad.train.config import TrainConfig, check_grid_matches_cache
+from dad.train.config import ONLINE_GRID, TrainConfig, check_grid_matches_cache
 from dad.train.data import CachedDistillDataset, StepSampler, describe_probabilities
 
 
@@ -45,6 +45,7 @@ class CachedBatchSource(SamplerBackedSource):
         header = cache.config
         for made in header.get("caches", [header]):
             check_grid_matches_cache(cfg, made["config"])
+        self.grid_config = {k: header["config"].get(k) for k in ONLINE_GRID}  # the crops trained on
         self.feature_dim = int(header["feature_dim"]) if header.get("features") else None
         pools = {t: cache.indices_with_teacher(t) for t in self.teachers}
         self.sampler = StepSampler(len(cache), cfg.batch_size, cfg.grad_accum, self.teachers, cfg.teacher_probs,

@@ -241,7 +241,10 @@ def test_two_process_gloo_ddp(tmp_path, cache):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in out.glob("student_*.safetensors")) == [
         "student_checkpoint_2.safetensors", "student_checkpoint_4.safetensors", "student_final.safetensors"]
-    assert "world size 2" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "x 2 ranks)" in log and "8 samples a step (2 x 2 accumulated x 2 ranks)" in log
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    assert resolved["samples_per_step"] == 8 and resolved["world_size"] == 2 and resolved["autocast"] == "none"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and not any(r["skipped"] for r in records)  # rank 0 alone writes
     first, final = (load_depth_model(out / name) for name in ("student_checkpoint_2.safetensors", "student_final.safetensors"))
