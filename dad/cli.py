@@ -113,6 +113,9 @@ def convert(src, dst, arch, dtype, overwrite):
 # stage 2
 
 
+_CACHE_GRID = " With --cache, if given, it must be the cache's."  # the crop grid is fixed when caching
+
+
 def _seed_teacher_flags(command):
     """The seed's --teacher_models A B --teacher_checkpoints X Y: answered with dad's spelling."""
     def refuse(ctx, param, value):
@@ -178,13 +181,13 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--online", is_flag=True, help="Baseline: run the teachers live instead of reading a cache.")
 @click.option("--teacher", "teachers", multiple=True, help="--online: teacher [NAME=]CKPT (repeatable).")
 @click.option("--images", help="--online: image source, as for cache-teachers.")
-@click.option("--global-crop-size", "--global_crop_size", "global_crop_size", type=int, help="--online: region view size [560]. With --cache, if given, it must be the cache's.")
-@click.option("--local-crop-size", "--local_crop_size", "local_crop_size", type=int, help="--online: patch size [560]. With --cache, if given, it must be the cache's.")
-@click.option("--min-region", "--min_local_crop", "--min-local-crop", "min_region", type=int, help="--online: smallest region side [644]. With --cache, if given, it must be the cache's.")
-@click.option("--regions-per-image", "--regions_per_image", "regions_per_image", type=int, help="--online: regions per image [1]. With --cache, if given, it must be the cache's.")
-@click.option("--patches", help="--online: patch grid AxB [2x2]. With --cache, if given, it must be the cache's.")
-@click.option("--feature-dim", "--feature_dim", "feature_dim", type=int, help="--online: reduced feature width [64]. With --cache, if given, it must be the cache's.")
-@click.option("--grid-seed", "--grid_seed", "grid_seed", type=int, help="--online: crop grid seed [0]. With --cache, if given, it must be the cache's.")
+@click.option("--global-crop-size", "--global_crop_size", "global_crop_size", type=int, help="--online: region view size [560]." + _CACHE_GRID)
+@click.option("--local-crop-size", "--local_crop_size", "local_crop_size", type=int, help="--online: patch size [560]." + _CACHE_GRID)
+@click.option("--min-region", "--min_local_crop", "--min-local-crop", "min_region", type=int, help="--online: smallest region side [644]." + _CACHE_GRID)
+@click.option("--regions-per-image", "--regions_per_image", "regions_per_image", type=int, help="--online: regions per image [1]." + _CACHE_GRID)
+@click.option("--patches", help="--online: patch grid AxB [2x2]." + _CACHE_GRID)
+@click.option("--feature-dim", "--feature_dim", "feature_dim", type=int, help="--online: reduced feature width [64]." + _CACHE_GRID)
+@click.option("--grid-seed", "--grid_seed", "grid_seed", type=int, help="--online: crop grid seed [0]." + _CACHE_GRID)
 @_seed_teacher_flags
 @click.pass_context
 @handle_errors(on_interrupt="re-run with --resume to continue from the last checkpoint")

@@ -22,7 +22,7 @@ from dad.models import IMAGENET_MEAN, IMAGENET_STD, DepthAnythingV2, load_depth_
 from dad.utils.images import list_images, load_rgb
 from dad.utils.parallel import ordered_map, usable_cpus
 from dad.utils.progress import progress
-from dad.utils.transfer import HostArrays
+from dad.utils.transfer import HostArrays, to_device
 
 SAVE_KINDS = ("npy", "png16", "color")
 
@@ -119,8 +119,7 @@ def launch_preprocessed(model: DepthAnythingV2, inputs: Sequence[torch.Tensor], 
     """``predict_preprocessed`` without waiting for the device: ``.arrays()[0]`` of the result
     is the (B, H, W) float32 disparity."""
     device = next(model.parameters()).device
-    x = torch.cat(list(inputs))
-    x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+    x = to_device(torch.cat(list(inputs)), device)
     with autocast_for(device, precision):
         depth = model(x)
     depth = F.interpolate(depth[:, None].float(), size=tuple(size), mode="bilinear", align_corners=True)[:, 0]

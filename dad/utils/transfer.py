@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``. To a GPU it goes from pinned memory: from pageable memory a
-    copy may wait for the GPU's queue to empty, from pinned memory it is queued like a kernel."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array or tensor on ``device``. To a GPU it goes from pinned memory: from pageable
+    memory a copy may wait for the GPU's queue to empty, from pinned memory it is queued like a
+    kernel."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
