@@ -57,7 +57,7 @@ class TrainConfig:
     val_interval: int = 1000
     val_input_size: int = 518
     # runtime
-    num_workers: int = 2
+    num_workers: int | None = None  # None: dad.utils.parallel.train_worker_count for the device
     seed: int = 0
     device: str = "auto"
     precision: str = "bf16"
@@ -111,7 +111,7 @@ class TrainConfig:
             bad("num-segments", "must be a power of two (1, 2, 4, 8, ...)")
         for name in ("lambda_lg", "lambda_feat", "lambda_grad", "encoder_lr_mult", "weight_decay", "warmup_steps", "num_workers",
                      "keep_checkpoints"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 bad(name.replace("_", "-"), "must be >= 0")
         if self.precision not in ("bf16", "fp32"):
             bad("precision", "must be bf16 or fp32")

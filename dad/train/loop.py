@@ -7,6 +7,7 @@ Shaped like torchtitan: ``train(config)`` sets things up and runs a short loop a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -434,7 +435,13 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         for k, (before, now) in sorted(changed.items()):
             logger.info(f"--resume: --{k.replace('_', '-')} was {before!r} in the run resumed, now {now!r}")
 
-    source = make_batch_source(cfg, info, device, start_step)
+    if cfg.num_workers is None:
+        from dad.utils.parallel import train_worker_count
+
+        num_workers = train_worker_count(device.type)
+    else:
+        num_workers = cfg.num_workers
+    source = make_batch_source(dataclasses.replace(cfg, num_workers=num_workers), info, device, start_step)
     total_steps = total_steps_for(cfg, source.steps_per_epoch)
     source.set_total_steps(total_steps)
     feature_dim = source.feature_dim if cfg.lambda_feat > 0 else None
@@ -483,7 +490,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         resolved = {"teacher_probabilities": source.sampler.probabilities, "total_steps": total_steps,
                     "samples_per_step": cfg.batch_size * cfg.grad_accum * info.world_size, "world_size": info.world_size,
                     "device": str(device), "autocast": "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "none",
-                    "crop_grid": getattr(source, "grid_config", None), "student_arch": student.config.to_dict()}
+                    "crop_grid": getattr(source, "grid_config", None), "student_arch": student.config.to_dict(),
+                    "num_workers": num_workers}
         (out_dir / name).write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2, sort_keys=True) + "\n")
         logger.info(
             f"training {student.config.name} student for {total_steps} steps ({source.describe()}), "

@@ -58,6 +58,19 @@ def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cp
     return num_workers, encode_workers
 
 
+def train_worker_count(device_type: str, cpus: int | None = None) -> int:
+    """Default DataLoader workers of a training process on ``device_type``: on CPUs 2 (the
+    workers compete with the training's own threads); on accelerators, the process's share of
+    the node's CPUs but the one driving the device, 2 to 8. One worker prepares a batch of the
+    paper's sizes in ~80 ms of a core (``benchmarks/train.py``), and a GPU step from the cache
+    can take less than half of that, so 2 workers would leave the GPU waiting for data."""
+    if device_type == "cpu":
+        return 2
+    if cpus is None:  # torchrun starts one training process per GPU, each seeing every CPU of the node
+        cpus = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return min(8, max(2, cpus - 1))
+
+
 def init_worker_process() -> None:
     """For a pool's ``initializer``: Ctrl-C is the parent's to handle (it stops the pool; a
     worker dying of it would print its own traceback and break the pool), and the worker exits

@@ -13,7 +13,7 @@ from PIL import Image
 from dad.cache.codecs import decode_rgb
 from dad.pipeline.prepare import prepare_image, prepared_images
 from dad.pipeline.sources import open_source
-from dad.utils.parallel import stage1_worker_counts
+from dad.utils.parallel import stage1_worker_counts, train_worker_count
 
 SETTINGS = dict(grid_seed=1, min_region=56, global_crop_size=42, local_crop_size=28, regions_per_image=2, patches=(2, 2))
 
@@ -88,6 +88,16 @@ def test_default_worker_counts(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs: the node's CPUs shared 8 ways
     monkeypatch.setattr("dad.utils.parallel.usable_cpus", lambda: 128)
     assert stage1_worker_counts(None, None) == (14, 2)
+
+
+def test_default_training_worker_counts(monkeypatch):
+    assert train_worker_count("cpu", cpus=64) == 2  # the workers would take the training's own threads
+    assert train_worker_count("cuda", cpus=16) == 8  # a GPU step can be shorter than a batch's preparation
+    assert train_worker_count("cuda", cpus=6) == 5  # one CPU drives the GPU
+    assert train_worker_count("cuda", cpus=2) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs on a 32-CPU node
+    monkeypatch.setattr("dad.utils.parallel.usable_cpus", lambda: 32)
+    assert train_worker_count("cuda") == 3
 
 
 def test_an_unguarded_calling_script_gets_the_fix_not_a_crash_report(folder, tmp_path):

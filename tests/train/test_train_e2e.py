@@ -245,6 +245,7 @@ def test_two_process_gloo_ddp(tmp_path, cache):
     assert "x 2 ranks)" in log and "8 samples a step (2 x 2 accumulated x 2 ranks)" in log
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert resolved["samples_per_step"] == 8 and resolved["world_size"] == 2 and resolved["autocast"] == "none"
+    assert resolved["num_workers"] == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and not any(r["skipped"] for r in records)  # rank 0 alone writes
     first, final = (load_depth_model(out / name) for name in ("student_checkpoint_2.safetensors", "student_final.safetensors"))
