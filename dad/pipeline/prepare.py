@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import re
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -29,6 +29,7 @@ from dad.pipeline.grid import RegionPlan, extract_views, plan_regions
 from dad.pipeline.sources import ImageSource
 from dad.utils.images import load_rgb
 from dad.utils.parallel import init_worker_process, ordered_map
+from dad.utils.shared_memory import SharedParts
 
 
 @dataclass
@@ -47,6 +48,30 @@ class PreparedImage:
     rgb_region_bytes: list[bytes] | None = None
     rgb_patch_bytes: list[list[bytes]] | None = None
     skipped: SkippedInput | None = None
+    # from a worker process: the arrays and bytes above, moved into shared memory for the trip
+    shared: SharedParts | None = None
+
+    def move_to_shared_memory(self) -> None:
+        """In a worker: the views and encoded bytes into one shared-memory segment, so the
+        pipe to the parent carries a handle, not megabytes (dad.utils.shared_memory says why)."""
+        if self.region_views is None:
+            return
+        values = [self.region_views, self.patches, *(self.rgb_region_bytes or []),
+                  *(b for bs in self.rgb_patch_bytes or [] for b in bs)]
+        self.shared = SharedParts.share(values)
+        self.region_views = self.patches = self.rgb_region_bytes = self.rgb_patch_bytes = None
+
+    def take_from_shared_memory(self) -> None:
+        """In the parent: the values back from the segment, which is removed."""
+        if self.shared is None:
+            return
+        values, self.shared = self.shared.take(), None
+        self.region_views, self.patches = values[0], values[1]
+        encoded = values[2:]
+        if encoded:
+            regions, patches = self.patches.shape[:2]
+            self.rgb_region_bytes = encoded[:regions]
+            self.rgb_patch_bytes = [encoded[regions + r * patches : regions + (r + 1) * patches] for r in range(regions)]
 
 
 def _reason(text: str) -> str:
@@ -115,8 +140,27 @@ def _start_worker(source: ImageSource, settings: dict[str, Any]) -> None:
     _worker_state.update(source=source, settings=settings)
 
 
+def _prepared_in(result: Any) -> list[PreparedImage]:
+    """The prepared images of a worker's result: one, or those of (tag, [(image, reasons)])."""
+    if isinstance(result, PreparedImage):
+        return [result]
+    return [prepared for prepared, _ in result[1]]
+
+
 def _in_worker(fn: Callable[[dict[str, Any], Any], Any], item: Any) -> Any:
-    return fn(_worker_state, item)
+    result = fn(_worker_state, item)
+    for prepared in _prepared_in(result):
+        prepared.move_to_shared_memory()
+    return result
+
+
+def _discard(futures: Iterable[Future]) -> None:
+    """Remove the segments of results made but never taken (the consumer stopped early)."""
+    for fut in futures:
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            for prepared in _prepared_in(fut.result()):
+                if prepared.shared is not None:
+                    prepared.shared.discard()
 
 
 def _pooled(fn: Callable[[dict[str, Any], Any], Any], items: Iterable[Any], source: ImageSource,
@@ -132,9 +176,13 @@ def _pooled(fn: Callable[[dict[str, Any], Any], Any], items: Iterable[Any], sour
     pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker, initargs=(source, settings))
     done = 0
+    abandoned: list[Future] = []
+    results = ordered_map(functools.partial(_in_worker, fn), items, pool, lookahead, abandoned)
     try:
-        for result in ordered_map(functools.partial(_in_worker, fn), items, pool, lookahead):
+        for result in results:
             done += 1
+            for prepared in _prepared_in(result):
+                prepared.take_from_shared_memory()
             yield result
     except BrokenProcessPool:
         if done == 0:  # the usual cause: spawned workers re-import an unguarded calling script
@@ -145,7 +193,9 @@ def _pooled(fn: Callable[[dict[str, Any], Any], Any], items: Iterable[Any], sour
         raise DataError("an image preparation worker died (killed for memory, or a decoder crashed on an input); "
                         "re-run to resume, and with --num-workers 0 to see which image") from None
     finally:
+        results.close()  # cancels what has not started; what has goes into `abandoned`
         pool.shutdown(wait=True, cancel_futures=True)
+        _discard(abandoned)
 
 
 def _prepare(state: dict[str, Any], item: tuple[int, int]) -> PreparedImage:

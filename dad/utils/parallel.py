@@ -8,13 +8,15 @@ import os
 import signal
 import threading
 from collections import deque
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, Callable, Iterable, Iterator
 
 
-def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor | None, lookahead: int) -> Iterator[Any]:
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor | None, lookahead: int,
+                abandoned: list[Future] | None = None) -> Iterator[Any]:
     """``map(fn, items)`` computed in ``pool`` (inline when None) with at most ``lookahead`` items
-    in flight, results in input order. Closing the generator early cancels what has not started."""
+    in flight, results in input order. Closing the generator early cancels what has not started;
+    the futures already running or done go into ``abandoned`` (for results that hold resources)."""
     if pool is None:
         yield from map(fn, items)
         return
@@ -28,7 +30,8 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor |
             yield pending.popleft().result()
     finally:
         for fut in pending:
-            fut.cancel()
+            if not fut.cancel() and abandoned is not None:
+                abandoned.append(fut)
 
 
 def usable_cpus() -> int:

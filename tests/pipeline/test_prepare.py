@@ -46,7 +46,14 @@ def test_the_teacher_sees_what_the_cache_will_hold(folder, codec):
         assert np.abs(plain.region_views.astype(int) - p.region_views).mean() < 8
 
 
+def _segments() -> set[str]:
+    """dad's shared-memory segments in /dev/shm (Python names them psm_*)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
+
+
 def test_worker_processes_give_what_one_process_gives(folder):
+    before = _segments()
     source = open_source(folder)
     settings = {**SETTINGS, "rgb_codec": "png1"}
     work = [(i // 2, i) for i in range(len(source))]
@@ -61,9 +68,12 @@ def test_worker_processes_give_what_one_process_gives(folder):
         if a.skipped is None:
             np.testing.assert_array_equal(a.region_views, b.region_views)
             np.testing.assert_array_equal(a.patches, b.patches)
+            assert b.shared is None and b.region_views.flags.writeable  # taken out of shared memory, a fresh array
+    assert _segments() == before  # every segment the workers made was removed on arrival
 
 
 def test_stopping_early_stops_the_workers(folder):
+    before = _segments()
     source = open_source(folder)
     gen = prepared_images(source, [(0, i) for i in range(len(source))], {**SETTINGS, "rgb_codec": "png"},
                           num_workers=2, lookahead=4)
@@ -72,6 +82,7 @@ def test_stopping_early_stops_the_workers(folder):
     assert workers  # the pool is up
     gen.close()  # shuts the pool down (would hang or leak processes otherwise)
     assert first.key == "img_0.png"
+    assert _segments() == before  # the results made ahead and never taken: their segments are removed too
     deadline = time.monotonic() + 20
     while any(p.is_alive() for p in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
