@@ -38,6 +38,7 @@ from dad.train.losses import (
     local_global_loss,
     shared_context_and_gradient_losses,
 )
+from dad.utils.progress import format_duration
 from dad.utils.transfer import HostArrays
 
 STATE_FILE = "train_state.pt"
@@ -535,6 +536,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         micro = batches.take()
         if step == start_step:  # the loader's start-up (worker processes, first reads) is not a step's wait
             window, wait_before = _new_window(), batches.wait_seconds
+            started = window["t0"]  # the ETA's clock: the steps from here, with their validations and checkpoints
         teacher = micro[0]["teacher"]
         in_flight.append((step + 1, train_step(ddp_module, optimizer, micro, cfg, device)))
         if step + 1 < total_steps:
@@ -562,12 +564,15 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": lr, "lr_encoder": lr * cfg.encoder_lr_mult,
                 "teacher": teacher, "samples_per_s": round(window["samples"] / max(elapsed, 1e-9), 3),
                 "data_wait_frac": round(window["wait"] / max(elapsed, 1e-9), 4), "skipped": not applied,
+                "elapsed_s": round(time.perf_counter() - started, 3),
             }
+            eta = (total_steps - step) * record["elapsed_s"] / (step - start_step)
             logger.metric(record)
             logger.info(
                 f"step {step}/{total_steps} total {terms['total']:.4f} sc {terms['loss_sc']:.4f} lg {terms['loss_lg']:.4f} "
                 f"feat {terms['loss_feat']:.4f} grad {terms['loss_grad']:.4f} lr {record['lr']:.2e} teacher {teacher} "
-                f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait_frac']:.1f}%"
+                f"{record['samples_per_s']:.1f} samples/s data-wait {100 * record['data_wait_frac']:.1f}% "
+                f"ETA {format_duration(eta)}"
             )
             window = _new_window()
         paused = time.perf_counter()  # validation and checkpoints are not training throughput

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+
+def format_duration(seconds: float) -> str:
+    """'HH:MM:SS', hours unbounded ('31:05:00' for 31 h: clock formats wrap at a day); '?' for an
+    unknown (infinite, NaN or negative) span."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class Progress:
@@ -38,8 +48,8 @@ class Progress:
         rate = self.count / elapsed if elapsed > 0 else 0.0
         if self.total:
             eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-            eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
-            text = f"{self.desc}: {self.count}/{self.total} [{100 * self.count / self.total:5.1f}%] {rate:.2f} {self.unit}/s ETA {eta_s}"
+            text = (f"{self.desc}: {self.count}/{self.total} [{100 * self.count / self.total:5.1f}%] {rate:.2f} {self.unit}/s "
+                    f"ETA {format_duration(eta)}")
         else:
             text = f"{self.desc}: {self.count} {self.unit} {rate:.2f} {self.unit}/s"
         return text + (f" {self.postfix}" if self.postfix else "")

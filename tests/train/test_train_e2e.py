@@ -85,11 +85,14 @@ def test_cli_run_logs_checkpoints_and_infers(tmp_path, cache, scenes):
     records = [r for r in lines if "val" not in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     for rec in records:
-        for key in ("loss_sc", "loss_lg", "loss_feat", "loss_grad", "total", "lr", "teacher", "samples_per_s", "data_wait_frac"):
+        for key in ("loss_sc", "loss_lg", "loss_feat", "loss_grad", "total", "lr", "teacher", "samples_per_s", "data_wait_frac",
+                    "elapsed_s"):
             assert key in rec
         assert rec["teacher"] == "tiny" and np.isfinite(rec["total"]) and rec["loss_feat"] > 0
     assert json.loads((out / "config.json").read_text())["normalization"] == "hybrid"
-    assert "step 8/8" in (out / "train.log").read_text()
+    assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
+    log = (out / "train.log").read_text()
+    assert "step 8/8" in log and re.search(r"step 2/8 .* ETA \d\d:\d\d:\d\d\n", log) and re.search(r"step 8/8 .* ETA 00:00:00\n", log)
     r = _cli("infer", "--checkpoint", out / "student_final.safetensors", "--input-size", 42, "--output-dir", tmp_path / "inf",
              "--save", "npy", scenes / "img_00.png")
     assert r.returncode == 0, r.stderr
