@@ -86,7 +86,8 @@ class EncodedSample:
         return {
             "key": self.key, "image_key": self.image_key, "region_index": int(self.region_index),
             "image_size": [int(v) for v in self.image_size],
-            "region_box": [float(v) for v in self.region_box], "patch_boxes": [[float(v) for v in b] for b in self.patch_boxes],
+            "region_box": np.asarray(self.region_box, np.float64).tolist(),
+            "patch_boxes": np.asarray(self.patch_boxes, np.float64).tolist(),
             "notes": list(self.notes),
         }
 
