@@ -38,6 +38,7 @@ from dad.train.losses import (
     local_global_loss,
     shared_context_and_gradient_losses,
 )
+from dad.utils.parallel import train_worker_count
 from dad.utils.progress import format_duration
 from dad.utils.transfer import HostArrays
 
@@ -436,12 +437,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         for k, (before, now) in sorted(changed.items()):
             logger.info(f"--resume: --{k.replace('_', '-')} was {before!r} in the run resumed, now {now!r}")
 
-    if cfg.num_workers is None:
-        from dad.utils.parallel import train_worker_count
-
-        num_workers = train_worker_count(device.type)
-    else:
-        num_workers = cfg.num_workers
+    num_workers = train_worker_count(device.type) if cfg.num_workers is None else cfg.num_workers
     source = make_batch_source(dataclasses.replace(cfg, num_workers=num_workers), info, device, start_step)
     total_steps = total_steps_for(cfg, source.steps_per_epoch)
     source.set_total_steps(total_steps)

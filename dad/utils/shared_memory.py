@@ -4,8 +4,9 @@ A result sent through a pipe arrives in reads of the pipe's capacity (64 KiB on 
 parent's thread receiving it must take the GIL back after each read. While another thread of the
 parent runs Python (the one launching the teachers' kernels, the writer), each of those takes
 can wait for the interpreter's switch interval (5 ms): a stage-1 image (~7 MB of views and
-encoded bytes at 560 px) then arrives at a few per second instead of dozens
-(``python benchmarks/transfer.py``). Here the worker writes its arrays and byte strings into one
+encoded bytes at 560 px) then arrives, at worst, at a few per second instead of dozens, and
+takes 2-4x as long as through shared memory when nothing else runs or another thread runs in
+short bursts (``python benchmarks/transfer.py``). Here the worker writes its arrays and byte strings into one
 shared-memory segment and the pipe carries only the segment's name and layout; the parent copies
 the values out and removes the segment.
 
