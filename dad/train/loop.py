@@ -436,6 +436,11 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                    if k != "resume" and hasattr(cfg, k) and v != getattr(cfg, k)}
         for k, (before, now) in sorted(changed.items()):
             logger.info(f"--resume: --{k.replace('_', '-')} was {before!r} in the run resumed, now {now!r}")
+    if state and state.get("world_size", info.world_size) != info.world_size:  # e.g. requeued on fewer nodes
+        per_rank = cfg.batch_size * cfg.grad_accum
+        logger.info(f"--resume: the run resumed had {state['world_size']} ranks ({per_rank * state['world_size']} samples a "
+                    f"step), this one {info.world_size} ({per_rank * info.world_size}): the steps go on, but each step's "
+                    "samples and their order differ from the run's (raise --grad-accum to keep the samples a step)")
 
     num_workers = train_worker_count(device.type) if cfg.num_workers is None else cfg.num_workers
     source = make_batch_source(dataclasses.replace(cfg, num_workers=num_workers), info, device, start_step)
@@ -584,7 +589,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 extra = {"step": step, "train_config": cfg.to_dict()}
                 save_depth_model(module.student, out_dir / f"student_checkpoint_{step}.safetensors", extra=extra)
                 save_training_state(out_dir, step, module, optimizer, scheduler,
-                                    {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run})
+                                    {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run, "world_size": info.world_size})
                 progress.saved = step  # what --resume now finds
                 if cfg.keep_checkpoints:
                     prune_checkpoints(out_dir, cfg.keep_checkpoints, current=step)

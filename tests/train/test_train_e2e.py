@@ -253,6 +253,12 @@ def test_two_process_gloo_ddp(tmp_path, cache):
     assert len(records) == 4 and not any(r["skipped"] for r in records)  # rank 0 alone writes
     first, final = (load_depth_model(out / name) for name in ("student_checkpoint_2.safetensors", "student_final.safetensors"))
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), final.state_dict().values()))
+    # requeued on one process: it goes on, and says that the samples a step changed
+    from dad.train.loop import train
+
+    train(_cfg(cache, out, batch_size=2, grad_accum=2, num_iterations=5, resume=True))
+    log = (out / "train.log").read_text()
+    assert "--resume: the run resumed had 2 ranks (8 samples a step), this one 1 (4)" in log and "step 5/5" in log
 
 
 def _aligned_abs_rel(student, teacher, size: int) -> float:
