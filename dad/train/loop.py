@@ -418,7 +418,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: SimpleNamespace) -> dict[str, Any]:
+def _resume_state(cfg: TrainConfig, info: DistInfo, out_dir: Path, logger: RunLogger) -> dict[str, Any] | None:
+    """The training state --resume continues from (None: a fresh start), after logging how this
+    run differs from the one resumed; a folder holding a run without --resume is refused."""
     state = None
     if cfg.resume and (out_dir / STATE_FILE).exists():
         try:
@@ -430,7 +432,6 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         logger.info(f"--resume: no {STATE_FILE} in {out_dir}; starting from step 0")
     elif (out_dir / STATE_FILE).exists():  # on every rank (they share the directory), or the others would hang
         raise ConfigError(f"--output-dir {out_dir} holds a training run; add --resume to continue it or pick a new directory")
-    start_step = int(state["step"]) if state else 0
     if state and isinstance(state.get("config"), dict):  # a resume with other options: say what changed
         changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
                    if k != "resume" and hasattr(cfg, k) and v != getattr(cfg, k)}
@@ -441,6 +442,12 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         logger.info(f"--resume: the run resumed had {state['world_size']} ranks ({per_rank * state['world_size']} samples a "
                     f"step), this one {info.world_size} ({per_rank * info.world_size}): the steps go on, but each step's "
                     "samples and their order differ from the run's (raise --grad-accum to keep the samples a step)")
+    return state
+
+
+def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: SimpleNamespace) -> dict[str, Any]:
+    state = _resume_state(cfg, info, out_dir, logger)
+    start_step = int(state["step"]) if state else 0
 
     num_workers = train_worker_count(device.type) if cfg.num_workers is None else cfg.num_workers
     source = make_batch_source(dataclasses.replace(cfg, num_workers=num_workers), info, device, start_step)
@@ -450,9 +457,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
     if cfg.lambda_feat > 0 and feature_dim is None:
         raise ConfigError("--lambda-feat > 0 needs teacher features, but the cache was made with --no-features; pass --lambda-feat 0")
 
-    student = _init_student(cfg)
-    if state:
-        student = load_depth_model(out_dir / state["checkpoint"], device="cpu")
+    # a resume continues from its checkpoint's weights (and architecture), not --student-init's
+    student = load_depth_model(out_dir / state["checkpoint"], device="cpu") if state else _init_student(cfg)
     module = DistillModule(student, feature_dim).to(device)
     if state and module.projection is not None:
         module.projection.load_state_dict(state["projection"])
