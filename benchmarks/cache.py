@@ -42,8 +42,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-workers", type=int, default=None, help="image processes (default: the pipeline's)")
-    ap.add_argument("--variants", default="zarr/png2,webdataset/png2,zarr/png,zarr/jpeg95",
-                    help="format/rgb-codec pairs to run the pipeline with")
+    ap.add_argument("--variants", default="zarr/png2,webdataset/png2,zarr/png2/no-patch-rgb,zarr/png,zarr/jpeg95",
+                    help="format/rgb-codec[/no-patch-rgb] to run the pipeline with")
     ap.add_argument("--encode-workers", type=int, default=None, help="encoder threads (default: the pipeline's)")
     ap.add_argument("--simulate-forward-rate", type=float, default=None, metavar="R",
                     help="no teacher compute: each forward waits as a GPU doing R images/s would (GIL released) and "
@@ -97,15 +97,18 @@ def main() -> None:
     # first batch, what a long job sees.
     rows = []
     for variant in args.variants.split(","):
-        fmt, codec = variant.split("/")
-        out = work / f"cache_{fmt}_{codec}"
+        fmt, codec, *rest = variant.split("/")
+        if rest not in ([], ["no-patch-rgb"]):
+            ap.error(f"--variants {variant}: write FORMAT/CODEC or FORMAT/CODEC/no-patch-rgb")
+        out = work / f"cache_{fmt}_{codec}{'_' + rest[0] if rest else ''}"
         start = time.perf_counter()
         summary = cache_teachers(images=str(images), teachers=[f"t={ckpt}"], output=str(out), fmt=fmt,
                                  global_crop_size=args.size, local_crop_size=args.size, min_region=args.size,
                                  batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                                 encode_workers=args.encode_workers, rgb_codec=codec, show_progress=False)
+                                 encode_workers=args.encode_workers, rgb_codec=codec, patch_rgb=not rest,
+                                 show_progress=False)
         whole = args.images / (time.perf_counter() - start)
-        rows.append((f"{fmt}, {codec}", whole, summary["steady_images_per_second"] or whole, cache_info(out),
+        rows.append((f"{fmt}, {codec}" + (", no patch RGB" if rest else ""), whole, summary["steady_images_per_second"] or whole, cache_info(out),
                      summary["time_split"], summary["main_process_cpu_ms_per_image"]))
         workers = summary["workers"]
 
@@ -116,14 +119,14 @@ def main() -> None:
     teacher_name = args.teacher_checkpoint or f"{args.teacher_arch} (random weights)"
     print(f"teacher {teacher_name}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
-    print(f"{'what':<26} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
+    print(f"{'what':<38} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
           f" {'CPU ms/img':>11}   main thread: teachers/input/writer")
-    print(f"{'teacher forwards alone':<26} {forward_rate:>9.2f} {forward_rate:>8.2f} {'100%':>11}")
+    print(f"{'teacher forwards alone':<38} {forward_rate:>9.2f} {forward_rate:>8.2f} {'100%':>11}")
     for label, whole, steady, info, split, cpu_ms in rows:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         cpu = f"{cpu_ms:>11.1f}" if cpu_ms is not None else f"{'-':>11}"
-        print(f"{'pipeline, ' + label:<26} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate:>10.0f}% {bpp:>11.3f} "
+        print(f"{'pipeline, ' + label:<38} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate:>10.0f}% {bpp:>11.3f} "
               f"{per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
     print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady;\n"
           " CPU ms/img: the main process's CPU time per image after start-up, all its threads, teachers included;\n"
@@ -173,7 +176,7 @@ def codec_table(cache_dir: Path, samples: int = 8, repeat: int = 3) -> str:
     rgb_codec = cache.config["rgb_codec"]
     depth = [d for s in picked for d in s.depth_region.values()]
     depth += [p for s in picked for d in s.depth_patches.values() for p in d]
-    rgb = [s.rgb_region for s in picked] + [p for s in picked for p in s.rgb_patches]
+    rgb = [s.rgb_region for s in picked] + [p for s in picked if s.rgb_patches is not None for p in s.rgb_patches]
     feats = [f for s in picked for f in s.features.values()]
     kinds = [
         ("depth (q14 planar, blosc)", depth, lambda a: codecs.encode_depth(a), lambda a, e: codecs.decode_depth(e[0], a.shape, e[1])),

@@ -294,6 +294,9 @@ def _patches(ctx, param, value):
 @click.option("--feature-dim", "--feature_dim", "feature_dim", default=64, show_default=True, type=int)
 @click.option("--rgb-codec", "--rgb_codec", "rgb_codec", default="png2", show_default=True,
               help="pngN: lossless PNG at zlib level N (png = png6: ~6% smaller, 3.4x the CPU); jpegQQ: lossy, e.g. jpeg95.")
+@click.option("--patch-rgb/--no-patch-rgb", "patch_rgb", default=True, show_default=True,
+              help="Store the patches' RGB too. Training reads only the region view's: --no-patch-rgb makes the "
+                   "cache about half the size (RGB is most of it) and stage 1 encode a fifth of the views.")
 @click.option("--shard-size", "--shard_size", "shard_size", default=None, type=int, help="Images per shard.")
 @click.option("--num-shards", "--num_shards", "num_shards", default=None, type=int,
               help="Split the work into K parts (default: SLURM array / torchrun world size / 1).")
@@ -311,15 +314,16 @@ def _patches(ctx, param, value):
 @handle_errors(on_interrupt="finished shards are kept, nothing half-written is visible; run the same command "
                             "again to resume")
 def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,
-                       patches, features, feature_dim, rgb_codec, shard_size, num_shards, shard_index, batch_size, device,
-                       grid_seed, num_workers, encode_workers):
+                       patches, features, feature_dim, rgb_codec, patch_rgb, shard_size, num_shards, shard_index, batch_size,
+                       device, grid_seed, num_workers, encode_workers):
     """Stage 1: run the teachers once over the crop grid of every image and cache their outputs."""
     from dad.pipeline.cache_teachers import cache_teachers
 
     summary = cache_teachers(
         images=images, teachers=list(teachers), output=output, fmt=fmt, global_crop_size=global_crop_size,
         local_crop_size=local_crop_size, min_region=min_region, regions_per_image=regions_per_image, patches=patches,
-        features=features, feature_dim=feature_dim, rgb_codec=rgb_codec, shard_size=shard_size, num_shards=num_shards,
+        features=features, feature_dim=feature_dim, rgb_codec=rgb_codec, patch_rgb=patch_rgb, shard_size=shard_size,
+        num_shards=num_shards,
         shard_index=shard_index, batch_size=batch_size, device=device, grid_seed=grid_seed, num_workers=num_workers,
         encode_workers=encode_workers,
     )

@@ -59,6 +59,7 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
         "teachers": header["teachers"], "config": header.get("config", {}),
         "sizes": {k: header.get(k) for k in ("global_crop_size", "local_crop_size", "num_patches", "features",
                                              "feature_dim", "rgb_codec", "images_per_shard")},
+        "patch_rgb": bool(header.get("patch_rgb", True)),
         "encoding": manifest.get("encoding", {}),
         "bytes_total": total, "bytes_by_kind": by_kind,
         "bytes_per_sample": _ratio(total, samples),
@@ -108,7 +109,8 @@ def format_cache_info(info: dict[str, Any]) -> str:
         "teachers   " + "; ".join(f"{t['name']} ({t['arch'].get('name') or 'embed ' + str(t['arch'].get('embed_dim'))}, "
                                   f"sha256 {t['sha256'][:12]}, {t['checkpoint']})" for t in info["teachers"]),
         f"views      region {sizes['global_crop_size']} px, {sizes['num_patches']} patches of {sizes['local_crop_size']} px, "
-        f"rgb {sizes['rgb_codec']}, features {'D=' + str(sizes['feature_dim']) if sizes['features'] else 'none'}",
+        f"rgb {sizes['rgb_codec']}{'' if info['patch_rgb'] else ' (region views only: --no-patch-rgb)'}, "
+        f"features {'D=' + str(sizes['feature_dim']) if sizes['features'] else 'none'}",
         f"size       {_mb(info['bytes_total'])} ({kinds}); {num(info['bytes_per_sample'], '{:.0f}')} B/sample",
         f"per value  depth {num(info['depth_bytes_per_pixel'])} B/pixel, features {num(info['feature_bytes_per_value'])} B/value, "
         f"rgb {num(info['rgb_bytes_per_pixel'])} B/pixel",
@@ -155,8 +157,9 @@ def _check_sample(cache: TeacherCache, index: int, key: str) -> None:
     if s.key != key:
         raise CacheError(f"holds {s.key!r} where the record says {key!r}")
     size, psize, p = geo.region_size, geo.patch_size, geo.num_patches
-    if s.rgb_region.shape != (size, size, 3) or s.rgb_patches.shape != (p, psize, psize, 3):
-        raise CacheError(f"RGB shapes {s.rgb_region.shape} / {s.rgb_patches.shape} do not match the header")
+    patches_shape = None if s.rgb_patches is None else s.rgb_patches.shape
+    if s.rgb_region.shape != (size, size, 3) or patches_shape != ((p, psize, psize, 3) if geo.patch_rgb else None):
+        raise CacheError(f"RGB shapes {s.rgb_region.shape} / {patches_shape} do not match the header")
     for t in geo.teachers:
         for what, arr in (("region", s.depth_region[t]), ("patches", s.depth_patches[t])):
             if not np.isfinite(arr).all():

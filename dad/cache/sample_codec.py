@@ -27,6 +27,7 @@ class Geometry:
     feature_dim: int  # D (0 without features)
     feature_grid: int  # S / ViT patch size
     rgb_codec: str
+    patch_rgb: bool = True  # the patches' RGB is stored (--no-patch-rgb: only the region view's)
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> "Geometry":
@@ -37,6 +38,7 @@ class Geometry:
             features = bool(header["features"])
             dim = int(header["feature_dim"] or 0) if features else 0
             rgb_codec = str(header["rgb_codec"])
+            patch_rgb = bool(header.get("patch_rgb", True))  # caches made before the option store them
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CacheError(f"cache header is missing or has a bad field ({e!r}); it must come from "
                              "dad.pipeline.cache_teachers.build_header") from None
@@ -45,7 +47,7 @@ class Geometry:
         if min(s, l_, p) < 1 or (features and dim < 1):
             raise CacheError(f"cache header: sizes S={s}, L={l_}, P={p}, D={dim} must be positive")
         codecs.rgb_extension(rgb_codec)
-        return cls(s, l_, p, teachers, features, dim, s // vit_patch, rgb_codec)
+        return cls(s, l_, p, teachers, features, dim, s // vit_patch, rgb_codec, patch_rgb)
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -61,7 +63,8 @@ class Geometry:
 
     @property
     def rgb_pixels_per_sample(self) -> int:
-        return self.region_size ** 2 + self.num_patches * self.patch_size ** 2
+        """RGB pixels stored a sample: the region view's, and the patches' unless --no-patch-rgb."""
+        return self.region_size ** 2 + (self.num_patches * self.patch_size ** 2 if self.patch_rgb else 0)
 
 
 @dataclass
@@ -74,7 +77,7 @@ class EncodedSample:
     patch_boxes: np.ndarray  # float32 (P, 4)
     notes: tuple[str, ...]
     rgb_region: bytes
-    rgb_patches: list[bytes]
+    rgb_patches: list[bytes] | None  # None: the cache does not store them (--no-patch-rgb)
     depth_region: dict[str, bytes]
     depth_region_range: dict[str, np.ndarray]  # float32 (2,)
     depth_patches: dict[str, bytes]
@@ -104,11 +107,12 @@ def _check(sample: CacheSample, what: str, arr: Any, shape: tuple[int, ...], kin
 class RGBEncodedSample:
     """A sample whose RGB is already encoded with the cache's codec (stage 1 encodes it in its
     preparation workers, before the teachers run); ``sample.rgb_region``/``rgb_patches`` are
-    not used and may be None: the writer needs only the bytes."""
+    not used and may be None: the writer needs only the bytes (``rgb_patches`` None: not
+    encoded, for a cache that does not store them)."""
 
     sample: CacheSample
     rgb_region: bytes
-    rgb_patches: list[bytes]
+    rgb_patches: list[bytes] | None
 
     @property
     def key(self) -> str:
@@ -132,21 +136,25 @@ def _check_encoded_rgb(sample: CacheSample, what: str, data: bytes, side: int, c
 
 def encode_sample(item: CacheSample | RGBEncodedSample, geo: Geometry) -> EncodedSample:
     """Validate a sample against the cache geometry and encode every part (RGB only when it is
-    not already encoded)."""
+    not already encoded; the patches' only when the cache stores them)."""
     s, l_, p = geo.region_size, geo.patch_size, geo.num_patches
+    rgb_patches_bytes = None
     if isinstance(item, RGBEncodedSample):
         sample = item.sample
-        if len(item.rgb_patches) != p:
-            raise CacheError(f"sample {sample.key}: {len(item.rgb_patches)} encoded patches, the cache header needs {p}")
         rgb_region_bytes = _check_encoded_rgb(sample, "rgb_region", item.rgb_region, s, geo.rgb_codec)
-        rgb_patches_bytes = [_check_encoded_rgb(sample, f"rgb_patches[{i}]", b, l_, geo.rgb_codec)
-                             for i, b in enumerate(item.rgb_patches)]
+        if geo.patch_rgb:
+            if item.rgb_patches is None or len(item.rgb_patches) != p:
+                found = "no" if item.rgb_patches is None else len(item.rgb_patches)
+                raise CacheError(f"sample {sample.key}: {found} encoded patches, the cache header needs {p}")
+            rgb_patches_bytes = [_check_encoded_rgb(sample, f"rgb_patches[{i}]", b, l_, geo.rgb_codec)
+                                 for i, b in enumerate(item.rgb_patches)]
     else:
         sample = item
         rgb_region = _check(sample, "rgb_region", sample.rgb_region, (s, s, 3), "u")
-        rgb_patches = _check(sample, "rgb_patches", sample.rgb_patches, (p, l_, l_, 3), "u")
         rgb_region_bytes = codecs.encode_rgb(rgb_region.astype(np.uint8, copy=False), geo.rgb_codec)
-        rgb_patches_bytes = [codecs.encode_rgb(x.astype(np.uint8, copy=False), geo.rgb_codec) for x in rgb_patches]
+        if geo.patch_rgb:
+            rgb_patches = _check(sample, "rgb_patches", sample.rgb_patches, (p, l_, l_, 3), "u")
+            rgb_patches_bytes = [codecs.encode_rgb(x.astype(np.uint8, copy=False), geo.rgb_codec) for x in rgb_patches]
     region_box = _check(sample, "region_box", sample.region_box, (4,), "fiu").astype(np.float32)
     patch_boxes = _check(sample, "patch_boxes", sample.patch_boxes, (p, 4), "fiu").astype(np.float32)
     missing = [t for t in geo.teachers if t not in sample.depth_region or t not in sample.depth_patches
@@ -181,8 +189,8 @@ def decode_parts(meta: dict[str, Any], rgb_region: bytes, rgb_patches: Sequence[
                  depth: dict[str, tuple[bytes, np.ndarray, bytes, np.ndarray]], features: dict[str, bytes],
                  geo: Geometry) -> CacheSample:
     """Stored parts -> CacheSample. ``depth``: teacher -> (region bytes, region range (2,),
-    patches bytes, patches ranges (P, 2)); ``rgb_patches`` None: not read (the sample's
-    ``rgb_patches`` is None)."""
+    patches bytes, patches ranges (P, 2)); ``rgb_patches`` None: not read, or not stored
+    (--no-patch-rgb): the sample's ``rgb_patches`` is None."""
     s, l_, p = geo.region_size, geo.patch_size, geo.num_patches
     return CacheSample(
         key=meta["key"], image_key=meta["image_key"], region_index=int(meta["region_index"]),

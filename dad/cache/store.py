@@ -77,7 +77,7 @@ def _remove(path: Path) -> None:
 _FLAGS = {"global_crop_size": "--global-crop-size", "local_crop_size": "--local-crop-size", "min_region": "--min-region",
           "regions_per_image": "--regions-per-image", "patches": "--patches", "num_patches": "--patches",
           "grid_seed": "--grid-seed", "features": "--features/--no-features", "feature_dim": "--feature-dim",
-          "rgb_codec": "--rgb-codec", "images_per_shard": "--shard-size"}
+          "rgb_codec": "--rgb-codec", "patch_rgb": "--patch-rgb/--no-patch-rgb", "images_per_shard": "--shard-size"}
 
 
 def _setting_of(diff: str, old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -106,10 +106,15 @@ def _setting_of(diff: str, old: dict[str, Any], new: dict[str, Any]) -> str:
 def _identity(part: str, value: Any) -> Any:
     """What must agree between two runs into one cache: everything but where each teacher's
     checkpoint file was found (a relative path from another folder is the same teacher; its
-    SHA-256 says whether the weights are the same)."""
+    SHA-256 says whether the weights are the same). A header from before --no-patch-rgb stored
+    the patches' RGB."""
     if part == "header" and isinstance(value, dict) and isinstance(value.get("teachers"), list):
         value = {**value, "teachers": [{k: v for k, v in t.items() if k != "checkpoint"} if isinstance(t, dict) else t
                                        for t in value["teachers"]]}
+    if part == "header" and isinstance(value, dict):
+        value = {**value, "patch_rgb": value.get("patch_rgb", True)}
+        if isinstance(value.get("config"), dict):
+            value["config"] = {**value["config"], "patch_rgb": value["config"].get("patch_rgb", True)}
     return value
 
 

@@ -6,7 +6,7 @@ Members of one sample, in this order (``<k>``: the tar-safe key, see ``tar_safe_
     <k>.meta.json                      key, image key, region index, image size, boxes, notes,
                                        depth ranges, shapes
     <k>.rgb_region.png|jpg             the region view
-    <k>.rgb_patch_<p>.png|jpg          patch p = 0..P-1
+    <k>.rgb_patch_<p>.png|jpg          patch p = 0..P-1 (not with --no-patch-rgb)
     <k>.depth_region.<teacher>.dq      depth chunk (same bytes as the zarr inner chunk)
     <k>.depth_patches.<teacher>.dq
     <k>.features.<teacher>.f16         (with features) byte-shuffled float16, zstd
@@ -47,7 +47,7 @@ def tar_safe_key(key: str) -> str:
 def member_fields(geo: Geometry) -> list[str]:
     """The member suffixes (after '<k>.') of every sample, in stored order."""
     ext = codecs.rgb_extension(geo.rgb_codec)
-    fields = ["meta.json", f"rgb_region.{ext}"] + [f"rgb_patch_{i}.{ext}" for i in range(geo.num_patches)]
+    fields = ["meta.json", f"rgb_region.{ext}"] + [f"rgb_patch_{i}.{ext}" for i in range(geo.num_patches if geo.patch_rgb else 0)]
     for t in geo.teachers:
         fields += [f"depth_region.{t}.dq", f"depth_patches.{t}.dq"]
         if geo.features:
@@ -114,7 +114,7 @@ def write_tar_shard(path: Path, samples: Iterable[EncodedSample], geo: Geometry)
 
             for e in samples:
                 base = tar_safe_key(e.key)
-                parts = [_meta_json(e, geo), e.rgb_region, *e.rgb_patches]
+                parts = [_meta_json(e, geo), e.rgb_region, *(e.rgb_patches if geo.patch_rgb else [])]
                 for t in geo.teachers:
                     parts += [e.depth_region[t], e.depth_patches[t]]
                     if geo.features:
@@ -166,7 +166,8 @@ class TarShardReader:
                      self._member(j, f"depth_patches.{t}.dq"), np.asarray(ranges[t]["patches"], np.float32))
                  for t in teachers}
         feats = {t: self._member(j, f"features.{t}.f16") for t in teachers} if features else {}
-        patches = [self._member(j, f"rgb_patch_{i}.{ext}") for i in range(self.geo.num_patches)] if rgb_patches else None
+        patches = ([self._member(j, f"rgb_patch_{i}.{ext}") for i in range(self.geo.num_patches)]
+                   if rgb_patches and self.geo.patch_rgb else None)
         return decode_parts(meta, self._member(j, f"rgb_region.{ext}"), patches, depth, feats, self.geo)
 
     def close(self) -> None:
@@ -186,12 +187,14 @@ def decode_webdataset_sample(sample: dict[str, Any], teachers: Sequence[str] | N
     ext = "png" if "rgb_region.png" in sample else "jpg"
     p, l_ = shapes["patches"][0], shapes["patches"][1]
     feat_shape = shapes.get("features")
+    patch_rgb = f"rgb_patch_0.{ext}" in sample or p == 0
     geo = Geometry(region_size=shapes["region"][0], patch_size=l_, num_patches=p, teachers=tuple(names),
                    features=bool(feat_shape), feature_dim=feat_shape[2] if feat_shape else 0,
-                   feature_grid=feat_shape[0] if feat_shape else 0, rgb_codec="png" if ext == "png" else "jpeg")
+                   feature_grid=feat_shape[0] if feat_shape else 0, rgb_codec="png" if ext == "png" else "jpeg",
+                   patch_rgb=patch_rgb)
     ranges = meta["depth_ranges"]
     depth = {t: (sample[f"depth_region.{t}.dq"], np.asarray(ranges[t]["region"], np.float32),
                  sample[f"depth_patches.{t}.dq"], np.asarray(ranges[t]["patches"], np.float32)) for t in names}
     feats = {t: sample[f"features.{t}.f16"] for t in names} if features and feat_shape else {}
-    patches = [sample[f"rgb_patch_{i}.{ext}"] for i in range(p)]
+    patches = [sample[f"rgb_patch_{i}.{ext}"] for i in range(p)] if patch_rgb else None
     return decode_parts(meta, sample[f"rgb_region.{ext}"], patches, depth, feats, geo)

@@ -4,7 +4,7 @@ byte ranges.
 One group per work shard, samples along axis 0 of every array:
 
     rgb_region                        variable_length_bytes (N,)        one PNG/JPEG per sample
-    rgb_patches                       variable_length_bytes (N, P)
+    rgb_patches                       variable_length_bytes (N, P)     (not with --no-patch-rgb)
     region_box / patch_boxes          float32 (N, 4) / (N, P, 4)
     image_size / region_index         int32 (N, 2) / (N,)
     teachers/<t>/depth_region         uint16 (N, S, S)     residuals of 14-bit levels, blosc
@@ -55,7 +55,7 @@ def _chunk_file(array: str, ndim: int) -> str:
 
 def _sharded_arrays(geo: Geometry) -> dict[str, int]:
     """Name -> ndim of the arrays stored with one inner chunk per sample."""
-    out = {"rgb_region": 1, "rgb_patches": 2}
+    out = {"rgb_region": 1, **({"rgb_patches": 2} if geo.patch_rgb else {})}
     for t in geo.teachers:
         out[f"teachers/{t}/depth_region"] = 3
         out[f"teachers/{t}/depth_patches"] = 4
@@ -126,8 +126,9 @@ def _metadata_documents(geo: Geometry, n: int, attributes: dict[str, Any]) -> di
         vlen = zarr.dtype.VariableLengthBytes()
         root.create_array("rgb_region", shape=(n,), chunks=(1,), shards=(n,), dtype=vlen, compressors=None,
                           chunk_key_encoding=_KEYS)
-        root.create_array("rgb_patches", shape=(n, p), chunks=(1, p), shards=(n, p), dtype=vlen, compressors=None,
-                          chunk_key_encoding=_KEYS)
+        if geo.patch_rgb:
+            root.create_array("rgb_patches", shape=(n, p), chunks=(1, p), shards=(n, p), dtype=vlen, compressors=None,
+                              chunk_key_encoding=_KEYS)
         for name, shape, dtype in (("region_box", (n, 4), "float32"), ("patch_boxes", (n, p, 4), "float32"),
                                    ("image_size", (n, 2), "int32"), ("region_index", (n,), "int32")):
             root.create_array(name, shape=shape, chunks=shape, dtype=dtype, compressors=None, fill_value=0,
@@ -169,7 +170,8 @@ def write_zarr_shard(folder: Path, samples: Iterable[EncodedSample], geo: Geomet
         for e in samples:
             metas.append(e.meta())
             append("rgb_region", codecs.encode_vlen([e.rgb_region]))
-            append("rgb_patches", codecs.encode_vlen(e.rgb_patches))
+            if geo.patch_rgb:
+                append("rgb_patches", codecs.encode_vlen(e.rgb_patches))
             for t in geo.teachers:
                 append(f"teachers/{t}/depth_region", e.depth_region[t])
                 append(f"teachers/{t}/depth_patches", e.depth_patches[t])
@@ -300,7 +302,7 @@ class ZarrShardReader:
                         self._small_array(f"teachers/{t}/depth_patches_range", "<f4", (n, p, 2))[j])
         feats = {t: self._array(f"teachers/{t}/features").chunk(j) for t in teachers} if features else {}
         rgb_region = codecs.decode_vlen(self._array("rgb_region").chunk(j))
-        patches = codecs.decode_vlen(self._array("rgb_patches").chunk(j)) if rgb_patches else None
+        patches = codecs.decode_vlen(self._array("rgb_patches").chunk(j)) if rgb_patches and self.geo.patch_rgb else None
         if len(rgb_region) != 1 or (patches is not None and len(patches) != p):
             found = f"{len(rgb_region)} region" + (f" / {len(patches)} patch" if patches is not None else "")
             raise CacheError(f"{self.folder}: sample {j} has {found} images; the shard is damaged")

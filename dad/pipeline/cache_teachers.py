@@ -186,7 +186,7 @@ def image_keys_sha256(keys: Sequence[str]) -> str:
 
 def build_header(keys: Sequence[str], teachers: Sequence[Teacher], *, global_crop_size: int, local_crop_size: int,
                  min_region: int, regions_per_image: int, patches: tuple[int, int], features: bool, feature_dim: int,
-                 rgb_codec: str, images_per_shard: int, grid_seed: int) -> dict[str, Any]:
+                 rgb_codec: str, images_per_shard: int, grid_seed: int, patch_rgb: bool = True) -> dict[str, Any]:
     """Everything that determines the cache's content; jobs of one cache must agree on all of it
     (and nothing in it depends on how the work is split, the device or the batch size)."""
     num_images = len(keys)
@@ -196,7 +196,7 @@ def build_header(keys: Sequence[str], teachers: Sequence[Teacher], *, global_cro
         "grid_seed": grid_seed, "grid_version": GRID_VERSION, "resampling": RESAMPLING,
         "features": features, "feature_dim": feature_dim if features else None,
         "feature_projection": {"method": PROJECTION_METHOD, "seed": FEATURE_SEED} if features else None,
-        "rgb_codec": rgb_codec, "images_per_shard": images_per_shard,
+        "rgb_codec": rgb_codec, "patch_rgb": patch_rgb, "images_per_shard": images_per_shard,
         "teacher_input": "RGB/255, ImageNet mean/std; bf16 autocast on CUDA, float32 elsewhere",
     }
     return {
@@ -212,6 +212,7 @@ def build_header(keys: Sequence[str], teachers: Sequence[Teacher], *, global_cro
         "features": features,
         "feature_dim": feature_dim if features else None,
         "rgb_codec": rgb_codec,
+        "patch_rgb": patch_rgb,
         "image_keys_sha256": image_keys_sha256(keys),
     }
 
@@ -447,7 +448,8 @@ def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], fe
 def _with_encoded_rgb(samples: list[CacheSample], good: list[PreparedImage]) -> list[RGBEncodedSample]:
     """The writer's items: each sample with the RGB bytes its preparation worker encoded, the
     pixels dropped (the writer needs only the bytes)."""
-    encoded = [(g.rgb_region_bytes[r], g.rgb_patch_bytes[r]) for g in good for r in range(len(g.plans))]
+    encoded = [(g.rgb_region_bytes[r], None if g.rgb_patch_bytes is None else g.rgb_patch_bytes[r])
+               for g in good for r in range(len(g.plans))]
     return [RGBEncodedSample(dataclasses.replace(s, rgb_region=None, rgb_patches=None), region, patches)
             for s, (region, patches) in zip(samples, encoded, strict=True)]
 
@@ -465,6 +467,7 @@ def cache_teachers(
     features: bool = True,
     feature_dim: int = 64,
     rgb_codec: str = DEFAULT_RGB_CODEC,
+    patch_rgb: bool = True,
     shard_size: int | None = None,
     num_shards: int | None = None,
     shard_index: int | None = None,
@@ -518,7 +521,7 @@ def cache_teachers(
     header = build_header(source.keys, teacher_objs, global_crop_size=global_crop_size, local_crop_size=local_crop_size,
                           min_region=min_region, regions_per_image=regions_per_image, patches=grid, features=features,
                           feature_dim=feature_dim, rgb_codec=rgb_codec, images_per_shard=images_per_shard,
-                          grid_seed=grid_seed)
+                          grid_seed=grid_seed, patch_rgb=patch_rgb)
     from dad.cache import create_cache_writer
 
     writer = create_cache_writer(output, fmt, header, encode_workers=encode_workers)
@@ -537,7 +540,7 @@ def cache_teachers(
 
     settings = {"grid_seed": grid_seed, "min_region": min_region, "global_crop_size": global_crop_size,
                 "local_crop_size": local_crop_size, "regions_per_image": regions_per_image, "patches": grid,
-                "rgb_codec": rgb_codec}
+                "rgb_codec": rgb_codec, "patch_rgb": patch_rgb}
     work = [(k, i) for k in todo for i in range(k * images_per_shard, min((k + 1) * images_per_shard, n_keys))]
     bar = Progress(len(work), desc="cache-teachers", unit="img", enabled=show_progress)
     images_cached = samples_written = 0

@@ -67,10 +67,11 @@ class PreparedImage:
             return
         values, self.shared = self.shared.take(), None
         self.region_views, self.patches = values[0], values[1]
-        encoded = values[2:]
+        encoded = values[2:]  # the regions' bytes, then (unless not encoded) the patches', region by region
+        regions, patches = self.patches.shape[:2]
         if encoded:
-            regions, patches = self.patches.shape[:2]
             self.rgb_region_bytes = encoded[:regions]
+        if len(encoded) > regions:
             self.rgb_patch_bytes = [encoded[regions + r * patches : regions + (r + 1) * patches] for r in range(regions)]
 
 
@@ -81,9 +82,10 @@ def _reason(text: str) -> str:
 
 def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int, min_region: int,
                   global_crop_size: int, local_crop_size: int, regions_per_image: int, patches: tuple[int, int],
-                  rgb_codec: str | None) -> PreparedImage:
-    """Read, decode, plan, crop and (unless ``rgb_codec`` is None) encode one image; a bad input
-    comes back as ``skipped`` with the reason."""
+                  rgb_codec: str | None, patch_rgb: bool = True) -> PreparedImage:
+    """Read, decode, plan, crop and (unless ``rgb_codec`` is None) encode one image, the patches
+    only with ``patch_rgb`` (a cache without them feeds the teacher the crops themselves); a bad
+    input comes back as ``skipped`` with the reason."""
     key = source.keys[index]
     out = PreparedImage(shard, index, key)
     try:
@@ -109,10 +111,12 @@ def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int
     patch_views = np.stack([p for _, p in views])
     if rgb_codec is not None:
         out.rgb_region_bytes = [encode_rgb(v, rgb_codec) for v in region_views]
-        out.rgb_patch_bytes = [[encode_rgb(p, rgb_codec) for p in ps] for ps in patch_views]
+        if patch_rgb:
+            out.rgb_patch_bytes = [[encode_rgb(p, rgb_codec) for p in ps] for ps in patch_views]
         if not rgb_is_lossless(rgb_codec):
             region_views = np.stack([decode_rgb(b) for b in out.rgb_region_bytes])
-            patch_views = np.stack([np.stack([decode_rgb(b) for b in bs]) for bs in out.rgb_patch_bytes])
+            if patch_rgb:
+                patch_views = np.stack([np.stack([decode_rgb(b) for b in bs]) for bs in out.rgb_patch_bytes])
     out.region_views, out.patches = region_views, patch_views
     return out
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dad.cache import open_cache
+from dad.cache import cache_info, decode_webdataset_sample, format_cache_info, open_cache, verify_cache
 from dad.cache.codecs import depth_error_bound, roundtrip_rgb
+from dad.errors import CacheError
 from dad.models import DepthAnythingV2, load_depth_model, save_depth_model
 from dad.pipeline.cache_teachers import cache_teachers
 from dad.pipeline.grid import extract_views, plan_regions
@@ -413,10 +414,37 @@ def test_lossy_rgb_codec_teacher_sees_decoded_pixels(image_dir, teachers, tmp_pa
             assert np.abs(cached - fresh).max() <= _stated_error(fresh)
 
 
+def test_a_cache_without_the_patches_rgb_holds_the_same_targets(reference, image_dir, teachers, tmp_path):
+    # --no-patch-rgb: training never reads the patches' RGB; leaving it out keeps every target
+    # (a lossless codec feeds the teacher the same pixels either way)
+    fmt, ref, _ = reference
+    out = tmp_path / "lean"
+    _run(image_dir, teachers, out, fmt, patch_rgb=False)
+    assert verify_cache(out, show_progress=False) == []
+    full, lean = _content(ref), _content(out)
+    for key in full:
+        assert lean[key].pop("rgb_patches") is None and full[key].pop("rgb_patches").shape[0] == 4
+    _assert_same(full, lean)
+    info_full, info_lean = cache_info(ref), cache_info(out)
+    assert info_lean["patch_rgb"] is False and info_full["patch_rgb"] is True
+    assert info_lean["bytes_by_kind"]["rgb"] < 0.4 * info_full["bytes_by_kind"]["rgb"]  # 1 view of 5 (the region's is larger)
+    assert info_lean["bytes_by_kind"]["depth"] == info_full["bytes_by_kind"]["depth"]
+    assert 0.5 * info_full["rgb_bytes_per_pixel"] < info_lean["rgb_bytes_per_pixel"] < 2 * info_full["rgb_bytes_per_pixel"]
+    assert "region views only: --no-patch-rgb" in format_cache_info(info_lean)
+    with pytest.raises(CacheError, match="--patch-rgb/--no-patch-rgb"):  # a re-run must agree
+        _run(image_dir, teachers, out, fmt)
+    if fmt == "webdataset":  # streamed with the webdataset library, too
+        import webdataset as wds
+
+        shard = sorted((out / "shards").glob("*.tar"))[0]
+        for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
+            decoded = decode_webdataset_sample(sample)
+            assert decoded.rgb_patches is None
+            np.testing.assert_array_equal(decoded.rgb_region, lean[decoded.key]["rgb_region"])
+
+
 def test_settings_that_differ_from_the_cache_are_refused(reference, image_dir, teachers):
     fmt, ref, _ = reference
-    from dad.errors import CacheError
-
     with pytest.raises(CacheError, match="different configuration"):
         _run(image_dir, teachers, ref, fmt, grid_seed=4)
 
