@@ -11,7 +11,14 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this dad reads and writes
+
+
+def format_version(patch_rgb: bool) -> int:
+    """The version a cache is written with: 1 for every cache a reader of version 1 reads
+    correctly, 2 for one without the patches' RGB (--no-patch-rgb), which such a reader would
+    take for damaged (so it refuses it as too new instead)."""
+    return 1 if patch_rgb else 2
 FORMATS = ("zarr", "webdataset")
 
 

@@ -47,7 +47,7 @@ from dad.cache.layout import (
     write_atomic,
 )
 from dad.cache.sample_codec import EncodedSample, Geometry, RGBEncodedSample, encode_sample
-from dad.cache.schema import FORMAT_VERSION, FORMATS, CacheSample, SkippedInput
+from dad.cache.schema import FORMATS, CacheSample, SkippedInput, format_version
 from dad.cache.tar_shards import TarShardReader, kind_of_field, write_tar_shard
 from dad.cache.zarr_shards import ZarrShardReader, kind_of, write_zarr_shard
 from dad.errors import CacheError
@@ -140,7 +140,7 @@ class CacheWriter:
         # PNG, blosc, zstd, numpy; threads need no pickling); 1 encodes in the calling thread
         self.encode_workers = _default_encode_workers() if encode_workers is None else max(1, int(encode_workers))
         self._pool: ThreadPoolExecutor | None = None
-        self._base = {"format_name": FORMAT_NAME, "format_version": FORMAT_VERSION, "format": fmt,
+        self._base = {"format_name": FORMAT_NAME, "format_version": format_version(self.geometry.patch_rgb), "format": fmt,
                       "header": self.header, "encoding": normalise(codecs.encoding_description(self.geometry.rgb_codec))}
         if self.root.exists() and not self.root.is_dir():
             raise CacheError(f"{self.root}: exists and is not a folder; use a new --output")
@@ -255,7 +255,7 @@ class CacheWriter:
             bytes_by_kind["meta"] += files[final.name]["bytes"] - sum(index["field_bytes"].values())  # tar headers
         n = len(keys)
         record = {
-            "format_version": FORMAT_VERSION, "format": self.fmt, "shard": k, "path": final.name,
+            "format_version": format_version(self.geometry.patch_rgb), "format": self.fmt, "shard": k, "path": final.name,
             "num_samples": n, "num_images": len({m["image_key"] for m in stored["metas"]}),
             "skipped": [s.to_dict() for s in skipped], "keys": keys,
             "files": files, "bytes": sum(v["bytes"] for v in files.values()), "sha256": combined_checksum(files),

@@ -39,7 +39,7 @@ import numpy as np
 from dad.cache import codecs
 from dad.cache.layout import ReadOnlyFile, write_file
 from dad.cache.sample_codec import EncodedSample, Geometry, decode_parts
-from dad.cache.schema import FORMAT_VERSION, CacheSample
+from dad.cache.schema import CacheSample, format_version
 from dad.errors import CacheError
 
 _MAX_U64 = 2**64 - 1
@@ -203,7 +203,7 @@ def write_zarr_shard(folder: Path, samples: Iterable[EncodedSample], geo: Geomet
             size, sha = write_file(folder / rel, np.ascontiguousarray(arr).tobytes())
             files[rel] = {"bytes": size, "sha256": sha}
     attributes = {"dad": {
-        "format_version": FORMAT_VERSION, "num_samples": n,
+        "format_version": format_version(geo.patch_rgb), "num_samples": n,
         "keys": [m["key"] for m in metas], "image_keys": [m["image_key"] for m in metas],
         "notes": {str(i): m["notes"] for i, m in enumerate(metas) if m["notes"]},
         "depth_decoding": ("depth_* arrays hold zigzag planar-predictor residuals r: q = cumsum_y(cumsum_x(unzigzag(r))) "

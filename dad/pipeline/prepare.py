@@ -83,9 +83,10 @@ def _reason(text: str) -> str:
 def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int, min_region: int,
                   global_crop_size: int, local_crop_size: int, regions_per_image: int, patches: tuple[int, int],
                   rgb_codec: str | None, patch_rgb: bool = True) -> PreparedImage:
-    """Read, decode, plan, crop and (unless ``rgb_codec`` is None) encode one image, the patches
-    only with ``patch_rgb`` (a cache without them feeds the teacher the crops themselves); a bad
-    input comes back as ``skipped`` with the reason."""
+    """Read, decode, plan, crop and (unless ``rgb_codec`` is None) encode one image; the patches'
+    bytes are kept only with ``patch_rgb`` (with a lossy codec the patches are fed to the teacher
+    decoded all the same, so a cache's targets do not depend on ``patch_rgb``); a bad input
+    comes back as ``skipped`` with the reason."""
     key = source.keys[index]
     out = PreparedImage(shard, index, key)
     try:
@@ -111,12 +112,13 @@ def prepare_image(source: ImageSource, shard: int, index: int, *, grid_seed: int
     patch_views = np.stack([p for _, p in views])
     if rgb_codec is not None:
         out.rgb_region_bytes = [encode_rgb(v, rgb_codec) for v in region_views]
-        if patch_rgb:
-            out.rgb_patch_bytes = [[encode_rgb(p, rgb_codec) for p in ps] for ps in patch_views]
-        if not rgb_is_lossless(rgb_codec):
+        lossy = not rgb_is_lossless(rgb_codec)
+        if patch_rgb or lossy:  # lossy: the teacher sees the patches as a cache with them would hold them
+            patch_bytes = [[encode_rgb(p, rgb_codec) for p in ps] for ps in patch_views]
+            out.rgb_patch_bytes = patch_bytes if patch_rgb else None
+        if lossy:
             region_views = np.stack([decode_rgb(b) for b in out.rgb_region_bytes])
-            if patch_rgb:
-                patch_views = np.stack([np.stack([decode_rgb(b) for b in bs]) for bs in out.rgb_patch_bytes])
+            patch_views = np.stack([np.stack([decode_rgb(b) for b in bs]) for bs in patch_bytes])
     out.region_views, out.patches = region_views, patch_views
     return out
 
@@ -153,18 +155,28 @@ def _prepared_in(result: Any) -> list[PreparedImage]:
 
 def _in_worker(fn: Callable[[dict[str, Any], Any], Any], item: Any) -> Any:
     result = fn(_worker_state, item)
-    for prepared in _prepared_in(result):
-        prepared.move_to_shared_memory()
+    try:
+        for prepared in _prepared_in(result):
+            prepared.move_to_shared_memory()
+    except BaseException:
+        _discard_shared(result)  # a result that fails on its way leaves no segment behind
+        raise
     return result
+
+
+def _discard_shared(result: Any) -> None:
+    """Remove the segments a result still holds (those not taken)."""
+    for prepared in _prepared_in(result):
+        if prepared.shared is not None:
+            prepared.shared.discard()
+            prepared.shared = None
 
 
 def _discard(futures: Iterable[Future]) -> None:
     """Remove the segments of results made but never taken (the consumer stopped early)."""
     for fut in futures:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            for prepared in _prepared_in(fut.result()):
-                if prepared.shared is not None:
-                    prepared.shared.discard()
+            _discard_shared(fut.result())
 
 
 def _pooled(fn: Callable[[dict[str, Any], Any], Any], items: Iterable[Any], source: ImageSource,
@@ -185,8 +197,12 @@ def _pooled(fn: Callable[[dict[str, Any], Any], Any], items: Iterable[Any], sour
     try:
         for result in results:
             done += 1
-            for prepared in _prepared_in(result):
-                prepared.take_from_shared_memory()
+            try:
+                for prepared in _prepared_in(result):
+                    prepared.take_from_shared_memory()
+            except BaseException:
+                _discard_shared(result)  # the result's other images, not taken
+                raise
             yield result
     except BrokenProcessPool:
         if done == 0:  # the usual cause: spawned workers re-import an unguarded calling script

@@ -432,16 +432,23 @@ def _resume_state(cfg: TrainConfig, info: DistInfo, out_dir: Path, logger: RunLo
         logger.info(f"--resume: no {STATE_FILE} in {out_dir}; starting from step 0")
     elif (out_dir / STATE_FILE).exists():  # on every rank (they share the directory), or the others would hang
         raise ConfigError(f"--output-dir {out_dir} holds a training run; add --resume to continue it or pick a new directory")
-    if state and isinstance(state.get("config"), dict):  # a resume with other options: say what changed
-        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
-                   if k != "resume" and hasattr(cfg, k) and v != getattr(cfg, k)}
-        for k, (before, now) in sorted(changed.items()):
-            logger.info(f"--resume: --{k.replace('_', '-')} was {before!r} in the run resumed, now {now!r}")
+    before = state.get("config") if state else None
+    if isinstance(before, dict):  # a resume with other options: say what changed
+        # (a --num-workers left to its default is whatever suits this machine: not a change)
+        changed = {k: (v, getattr(cfg, k)) for k, v in before.items()
+                   if k != "resume" and hasattr(cfg, k) and v != getattr(cfg, k)
+                   and not (k == "num_workers" and cfg.num_workers is None)}
+        for k, (was, now) in sorted(changed.items()):
+            logger.info(f"--resume: --{k.replace('_', '-')} was {was!r} in the run resumed, now {now!r}")
     if state and state.get("world_size", info.world_size) != info.world_size:  # e.g. requeued on fewer nodes
-        per_rank = cfg.batch_size * cfg.grad_accum
-        logger.info(f"--resume: the run resumed had {state['world_size']} ranks ({per_rank * state['world_size']} samples a "
-                    f"step), this one {info.world_size} ({per_rank * info.world_size}): the steps go on, but each step's "
-                    "samples and their order differ from the run's (raise --grad-accum to keep the samples a step)")
+        old = before if isinstance(before, dict) else {}
+        samples_then = int(old.get("batch_size", cfg.batch_size)) * int(old.get("grad_accum", cfg.grad_accum)) * state["world_size"]
+        samples_now = cfg.batch_size * cfg.grad_accum * info.world_size
+        logger.info(f"--resume: the run resumed had {state['world_size']} ranks ({samples_then} samples a step), this one "
+                    f"{info.world_size} ({samples_now}): the steps go on, "
+                    + ("with the samples a step of the run, " if samples_now == samples_then else
+                       "but with other samples a step (--grad-accum makes up for fewer ranks), ")
+                    + "in another sample order")
     return state
 
 

@@ -24,12 +24,15 @@ from dad.pipeline.teachers import Teacher, parse_teacher_specs
 from dad.train.config import ONLINE_GRID, TrainConfig
 from dad.train.data import BatchPlan, StepSampler, describe_probabilities, make_batch
 from dad.train.sources import SamplerBackedSource
+from dad.utils.parallel import train_worker_count
 
 
 class OnlineBatchSource(SamplerBackedSource):
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, start_step: int, device: torch.device) -> None:
         check_grid_settings(cfg.global_crop_size, cfg.local_crop_size, cfg.min_region, cfg.regions_per_image)
         self.cfg = cfg
+        # dad train resolves a default --num-workers for its device; used alone, for this one
+        self.num_workers = train_worker_count(device.type) if cfg.num_workers is None else cfg.num_workers
         self.source = open_source(cfg.images)
         self.patches = parse_patches(cfg.patches)
         self.teachers = {t.name: t for t in (Teacher(spec, device) for spec in parse_teacher_specs(cfg.teachers))}
@@ -48,7 +51,7 @@ class OnlineBatchSource(SamplerBackedSource):
                          "patches": self.patches, "rgb_codec": None}
 
     def describe(self) -> str:
-        workers = f"{self.cfg.num_workers} image worker processes" if self.cfg.num_workers else "images read in this process"
+        workers = f"{self.num_workers} image worker processes" if self.num_workers else "images read in this process"
         return (f"online: {len(self.source)} images from {self.cfg.images}, live teachers drawn per step: "
                 f"{describe_probabilities(self.sampler.probabilities)}, {workers}")
 
@@ -86,8 +89,8 @@ class OnlineBatchSource(SamplerBackedSource):
                 indices = self._image_indices(plan)
                 yield (plan, indices), indices  # (tag, what to read)
 
-        lookahead = max(2, 2 * self.cfg.num_workers)
-        for (plan, indices), found in first_good_images(self.source, items(), self.settings, self.cfg.num_workers,
+        lookahead = max(2, 2 * self.num_workers)
+        for (plan, indices), found in first_good_images(self.source, items(), self.settings, self.num_workers,
                                                         lookahead):
             images = self._collect(indices, found)
             yield make_batch(self.samples_for(plan, images), plan, self.cfg.seed, self.cfg.flip_prob,

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from dad.train.config import ONLINE_GRID, TrainConfig, check_grid_matches_cache
 from dad.train.data import CachedDistillDataset, StepSampler, describe_probabilities
+from dad.utils.parallel import train_worker_count
 
 
 def _passthrough(batch: dict[str, Any]) -> dict[str, Any]:
@@ -62,12 +63,15 @@ class CachedBatchSource(SamplerBackedSource):
         return text
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.cfg.num_workers == 0:
+        num_workers = self.cfg.num_workers
+        if num_workers is None:  # dad train resolves it for its device; used alone, for this machine's
+            num_workers = train_worker_count("cuda" if torch.cuda.is_available() else "cpu")
+        if num_workers == 0:
             for plan in self.sampler:
                 yield self.dataset.load(plan)
             return
         loader = DataLoader(
-            self.dataset, batch_size=None, sampler=self.sampler, num_workers=self.cfg.num_workers,
+            self.dataset, batch_size=None, sampler=self.sampler, num_workers=num_workers,
             collate_fn=_passthrough, pin_memory=torch.cuda.is_available(), prefetch_factor=4,
             persistent_workers=False, multiprocessing_context="forkserver",
         )

@@ -21,13 +21,19 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor |
         yield from map(fn, items)
         return
     pending: deque = deque()
+
+    def head() -> Any:  # off the queue only once its result is in hand: an interrupted wait leaves it there
+        result = pending[0].result()
+        pending.popleft()
+        return result
+
     try:
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) >= lookahead:
-                yield pending.popleft().result()
+                yield head()
         while pending:
-            yield pending.popleft().result()
+            yield head()
     finally:
         for fut in pending:
             if not fut.cancel() and abandoned is not None:

@@ -75,8 +75,8 @@ class SharedParts:
             return [np.ndarray(shape, dtype, buffer=segment.buf, offset=start).copy() if dtype is not None
                     else bytes(segment.buf[start : start + nbytes]) for start, nbytes, dtype, shape in self.layout]
         finally:
+            segment.unlink()  # first: the name goes even if closing the mapping fails
             segment.close()
-            segment.unlink()
 
     def discard(self) -> None:
         """Remove the segment without reading it (a result that will not be used)."""
@@ -86,8 +86,8 @@ class SharedParts:
             segment = shared_memory.SharedMemory(name=self.name)
         except FileNotFoundError:
             return
-        segment.close()
         segment.unlink()
+        segment.close()
 
 
 def _create(size: int) -> shared_memory.SharedMemory | None:

@@ -412,6 +412,16 @@ def test_lossy_rgb_codec_teacher_sees_decoded_pixels(image_dir, teachers, tmp_pa
         assert t.forward_calls % 2 == 0  # 56 px views and 42 px patches: two forwards
         for cached, fresh in ((s.depth_region["alpha"], d_region[0]), *zip(s.depth_patches["alpha"], d_patches)):
             assert np.abs(cached - fresh).max() <= _stated_error(fresh)
+    # without the patches' bytes kept, the teacher still sees the patches decoded: the same targets
+    lean = tmp_path / "jpeg_lean"
+    _run(image_dir, teachers[:1], lean, fmt, rgb_codec="jpeg80", global_crop_size=56, patch_rgb=False)
+    full, without = _content(out), _content(lean)
+    for key in full:
+        assert without[key].pop("rgb_patches") is None
+        full[key].pop("rgb_patches")
+    _assert_same(full, without)
+    assert json.loads((lean / "manifest.json").read_text())["format_version"] == 2  # older readers refuse it
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 1
 
 
 def test_a_cache_without_the_patches_rgb_holds_the_same_targets(reference, image_dir, teachers, tmp_path):
@@ -441,6 +451,19 @@ def test_a_cache_without_the_patches_rgb_holds_the_same_targets(reference, image
             decoded = decode_webdataset_sample(sample)
             assert decoded.rgb_patches is None
             np.testing.assert_array_equal(decoded.rgb_region, lean[decoded.key]["rgb_region"])
+
+
+def test_a_cache_from_before_the_patch_rgb_option_is_resumed(image_dir, teachers, tmp_path):
+    # its header has no patch_rgb: it stored the patches' RGB, as the default does
+    out = tmp_path / "older"
+    _run(image_dir, teachers[:1], out, "zarr", num_shards=2, shard_index=0)
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["header"]["patch_rgb"], manifest["header"]["config"]["patch_rgb"]
+    path.write_text(json.dumps(manifest))
+    _run(image_dir, teachers[:1], out, "zarr", num_shards=2, shard_index=1)  # not refused
+    assert cache_info(out)["shards_complete"] == cache_info(out)["shards_total"]
+    assert open_cache(out)[0].rgb_patches.shape[0] == 4
 
 
 def test_settings_that_differ_from_the_cache_are_refused(reference, image_dir, teachers):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dad.cache.codecs import decode_rgb
+from dad.errors import StorageError
 from dad.pipeline.prepare import prepare_image, prepared_images
 from dad.pipeline.sources import open_source
 from dad.utils.parallel import stage1_worker_counts, train_worker_count
@@ -52,10 +53,11 @@ def _segments() -> set[str]:
     return {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
 
 
-def test_worker_processes_give_what_one_process_gives(folder):
+@pytest.mark.parametrize("codec, patch_rgb", [("png1", True), ("png1", False), ("jpeg80", False)])
+def test_worker_processes_give_what_one_process_gives(folder, codec, patch_rgb):
     before = _segments()
     source = open_source(folder)
-    settings = {**SETTINGS, "rgb_codec": "png1"}
+    settings = {**SETTINGS, "rgb_codec": codec, "patch_rgb": patch_rgb}
     work = [(i // 2, i) for i in range(len(source))]
     inline = list(prepared_images(source, work, settings, num_workers=0, lookahead=2))
     pooled = list(prepared_images(source, work, settings, num_workers=2, lookahead=3))
@@ -69,7 +71,43 @@ def test_worker_processes_give_what_one_process_gives(folder):
             np.testing.assert_array_equal(a.region_views, b.region_views)
             np.testing.assert_array_equal(a.patches, b.patches)
             assert b.shared is None and b.region_views.flags.writeable  # taken out of shared memory, a fresh array
+            assert (b.rgb_patch_bytes is not None) == patch_rgb and len(b.rgb_region_bytes) == 2
     assert _segments() == before  # every segment the workers made was removed on arrival
+    if not patch_rgb:  # the teacher sees the patches a cache with their RGB would hold (decoded, if lossy)
+        kept = list(prepared_images(source, work, {**settings, "patch_rgb": True}, num_workers=0, lookahead=2))
+        for a, b in zip(kept, pooled):
+            if a.skipped is None:
+                np.testing.assert_array_equal(a.patches, b.patches)
+                np.testing.assert_array_equal(a.region_views, b.region_views)
+
+
+class _FailingDisk:
+    """The folder's source, with one image whose read fails like a broken disk (in the worker
+    processes too: it is pickled to them)."""
+
+    def __init__(self, inner, bad: int) -> None:
+        self.inner, self.bad = inner, bad
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # while unpickling, before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def read(self, index: int) -> bytes:
+        if index == self.bad:
+            raise StorageError(f"{self.inner.keys[index]}: input/output error")
+        return self.inner.read(index)
+
+
+def test_a_storage_error_mid_stream_leaves_no_segment(folder):
+    before = _segments()
+    source = _FailingDisk(open_source(folder), bad=1)
+    gen = prepared_images(source, [(0, i) for i in range(len(source.keys))], {**SETTINGS, "rgb_codec": "png"},
+                          num_workers=2, lookahead=4)
+    assert next(gen).key == "img_0.png"
+    with pytest.raises(StorageError, match="img_1.png"):  # the job stops (a re-run reads it again)
+        next(gen)
+    assert _segments() == before  # the images prepared ahead of it were not left in /dev/shm
 
 
 def test_stopping_early_stops_the_workers(folder):
