@@ -62,6 +62,13 @@ for name in train train-compile; do
             --batch-size 4 --steps 30 --num-workers 8 ${flag[@]+"${flag[@]}"}
     fi
 done
+# the rows the goals are judged on, together at the end
+if [[ -f $out/cache.log || -f $out/train.log ]]; then
+    echo
+    echo "== goals: stage 1 pipeline >= 80% of the forwards alone; training cached >= 5x online, data wait < 5% =="
+    [[ -f $out/cache.log ]] && grep -E "^(teacher forwards alone|pipeline, )" "$out/cache.log"
+    [[ -f $out/train.log ]] && grep -E "^(source|cache|online) |^cached / online|^\(cached step" "$out/train.log"
+fi
 if ((${#failed[@]})); then
     echo "gpu.sh: failed: ${failed[*]} (logs in $out)" >&2
     exit 1
