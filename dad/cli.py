@@ -191,7 +191,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--grid-seed", "--grid_seed", "grid_seed", type=int, help="--online: crop grid seed [0]." + _CACHE_GRID)
 @_seed_teacher_flags
 @click.pass_context
-@handle_errors(on_interrupt="re-run with --resume to continue from the last checkpoint")
+@handle_errors(on_interrupt="re-run the same command with --resume to continue (from the step the log names)")
 def train(ctx, config_file, **_):
     """Train a student from cached teacher targets (cross-context distillation)."""
     from dad.train.config import build_config, read_config_file

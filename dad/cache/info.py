@@ -89,6 +89,8 @@ def describe_notes(notes: dict[str, int]) -> str:
 
 
 def _mb(n: float) -> str:
+    if n < 1e6:
+        return f"{n / 1e3:.1f} kB"
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
@@ -184,7 +186,8 @@ def verify_cache(path: str | os.PathLike, show_progress: bool = True, workers: i
         missing = sorted(set(range(num_shards)) - set(done))
         names = ", ".join(shard_name(k) for k in missing[:10]) + (" ..." if len(missing) > 10 else "")
         problems.append(f"{root}: incomplete, {len(done)}/{num_shards} shards (missing {names}); "
-                        "re-run `dad cache-teachers` with the same options to finish it")
+                        "re-run `dad cache-teachers` with the same options to finish it (a split run: every "
+                        "--shard-index / array task of it)")
     finalized = {int(s["shard"]): s for s in manifest.get("shards", [])} if manifest.get("complete") else {}
     cache = TeacherCache(root)  # reads what is complete now
     if finalized:

@@ -89,12 +89,16 @@ def _setting_of(diff: str, old: dict[str, Any], new: dict[str, Any]) -> str:
         return "--format"
     if path.startswith("encoding"):
         return "the encodings (a cache made by another dad version)"
-    if teacher:
-        i = int(teacher.group(1))
+    if teacher or path == "header.teachers":
         names = [t.get("name") for t in old.get("teachers", [])], [t.get("name") for t in new.get("teachers", [])]
-        if field == "sha256":
+        if teacher and field == "sha256":
+            i = int(teacher.group(1))
             return f"teacher {names[1][i] if i < len(names[1]) else i}'s checkpoint file (another file than the cache's)"
-        return f"the teachers ({', '.join(map(str, names[0]))} in the cache, {', '.join(map(str, names[1]))} now)"
+        text = f"the teachers ({', '.join(map(str, names[0]))} in the cache, {', '.join(map(str, names[1]))} now)"
+        if set(names[0]) != set(names[1]):  # adding a teacher later: a cache of its own, trained on together
+            text += ("; a teacher added later goes into a cache of its own (same images and grid), and "
+                     "`dad train --cache A --cache B` reads both")
+        return text
     if field == "num_shards" and old.get("num_images") == new.get("num_images"):
         return "--shard-size"
     if field in ("image_keys_sha256", "num_images", "num_shards"):

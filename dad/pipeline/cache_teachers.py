@@ -634,7 +634,7 @@ def cache_teachers(
     if note_counts:
         log(f"samples handled specially: {describe_notes(note_counts)}")
     if finalized:
-        log(f"all {total_shards} shards complete; the manifest is {Path(output) / 'manifest.json'}")
+        log(f"all {total_shards} shard{'s' if total_shards != 1 else ''} complete; the manifest is {Path(output) / 'manifest.json'}")
     else:
         done = len(recorded_shards(Path(output), total_shards))
         log(f"{done} of {total_shards} shards complete; the cache is finished when the other parts have run")

@@ -17,6 +17,8 @@ from typing import Any
 from dad.errors import ConfigError
 
 NORMALIZATIONS = ("global", "hybrid", "local", "none")
+# options only a --config file sets (dad train has no flag for them): errors name the file's key
+CONFIG_FILE_ONLY = ("feature_alpha", "flip_prob", "color_jitter", "max_nonfinite_steps")
 
 
 @dataclass
@@ -80,7 +82,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         def bad(flag: str, why: str) -> None:
-            raise ConfigError(f"--{flag}: {why}")
+            key = flag.replace("-", "_")
+            raise ConfigError(f"--config: {key}: {why}" if key in CONFIG_FILE_ONLY else f"--{flag}: {why}")
 
         if not self.output_dir:
             bad("output-dir", "required: where checkpoints and logs go")
@@ -121,6 +124,12 @@ class TrainConfig:
             bad("init-encoder-only", "needs --student-init CKPT")
         if not 0 <= self.flip_prob <= 1:
             bad("flip-prob", "must lie in [0, 1]")
+        if not 0 <= self.color_jitter < 1:
+            bad("color-jitter", "must lie in [0, 1): factors 1 - j .. 1 + j, which must stay positive")
+        if not -1 <= self.feature_alpha <= 1:
+            bad("feature-alpha", "must lie in [-1, 1]: a cosine above which tokens leave the feature loss")
+        if self.max_nonfinite_steps < 1:
+            bad("max-nonfinite-steps", "must be >= 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -438,8 +438,11 @@ def _resume_state(cfg: TrainConfig, info: DistInfo, out_dir: Path, logger: RunLo
         changed = {k: (v, getattr(cfg, k)) for k, v in before.items()
                    if k != "resume" and hasattr(cfg, k) and v != getattr(cfg, k)
                    and not (k == "num_workers" and cfg.num_workers is None)}
+        def shown(value: Any) -> str:
+            return "unset (its default)" if value is None else repr(value)
+
         for k, (was, now) in sorted(changed.items()):
-            logger.info(f"--resume: --{k.replace('_', '-')} was {was!r} in the run resumed, now {now!r}")
+            logger.info(f"--resume: --{k.replace('_', '-')} was {shown(was)} in the run resumed, now {shown(now)}")
     if state and state.get("world_size", info.world_size) != info.world_size:  # e.g. requeued on fewer nodes
         old = before if isinstance(before, dict) else {}
         samples_then = int(old.get("batch_size", cfg.batch_size)) * int(old.get("grad_accum", cfg.grad_accum)) * state["world_size"]
@@ -551,6 +554,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         if step == start_step:  # the loader's start-up (worker processes, first reads) is not a step's wait
             window, wait_before = _new_window(), batches.wait_seconds
             started = window["t0"]  # the ETA's clock: the steps from here, with their validations and checkpoints
+            # elapsed_s goes on from the checkpoint resumed (the time lost after it is not counted)
+            started_offset = float(state.get("elapsed_s", 0.0)) if state else 0.0
         teacher = micro[0]["teacher"]
         in_flight.append((step + 1, train_step(ddp_module, optimizer, micro, cfg, device)))
         if step + 1 < total_steps:
@@ -578,9 +583,9 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": lr, "lr_encoder": lr * cfg.encoder_lr_mult,
                 "teacher": teacher, "samples_per_s": round(window["samples"] / max(elapsed, 1e-9), 3),
                 "data_wait_frac": round(window["wait"] / max(elapsed, 1e-9), 4), "skipped": not applied,
-                "elapsed_s": round(time.perf_counter() - started, 3),
+                "elapsed_s": round(started_offset + time.perf_counter() - started, 3),
             }
-            eta = (total_steps - step) * record["elapsed_s"] / (step - start_step)
+            eta = (total_steps - step) * (time.perf_counter() - started) / (step - start_step)  # this process's pace
             logger.metric(record)
             logger.info(
                 f"step {step}/{total_steps} total {terms['total']:.4f} sc {terms['loss_sc']:.4f} lg {terms['loss_lg']:.4f} "
@@ -602,7 +607,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 extra = {"step": step, "train_config": cfg.to_dict()}
                 save_depth_model(module.student, out_dir / f"student_checkpoint_{step}.safetensors", extra=extra)
                 save_training_state(out_dir, step, module, optimizer, scheduler,
-                                    {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run, "world_size": info.world_size})
+                                    {"config": cfg.to_dict(), "nonfinite_run": nonfinite_run, "world_size": info.world_size,
+                                     "elapsed_s": started_offset + time.perf_counter() - started})
                 progress.saved = step  # what --resume now finds
                 if cfg.keep_checkpoints:
                     prune_checkpoints(out_dir, cfg.keep_checkpoints, current=step)

@@ -21,19 +21,17 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor |
         yield from map(fn, items)
         return
     pending: deque = deque()
-
-    def head() -> Any:  # off the queue only once its result is in hand: an interrupted wait leaves it there
-        result = pending[0].result()
-        pending.popleft()
-        return result
-
+    # a future leaves the queue only once the consumer has come back for the next result: closed
+    # while waiting for it, or while holding it, the generator still lists it in ``abandoned``
     try:
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) >= lookahead:
-                yield head()
+                yield pending[0].result()
+                pending.popleft()
         while pending:
-            yield head()
+            yield pending[0].result()
+            pending.popleft()
     finally:
         for fut in pending:
             if not fut.cancel() and abandoned is not None:

@@ -19,7 +19,10 @@ whose process died before it was taken is removed when the job ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Sequence
@@ -70,24 +73,48 @@ class SharedParts:
         """The values (fresh arrays and bytes), in the receiving process; the segment is removed."""
         if self.name is None:
             return list(self.inline or [])
-        segment = shared_memory.SharedMemory(name=self.name)
-        try:
-            return [np.ndarray(shape, dtype, buffer=segment.buf, offset=start).copy() if dtype is not None
-                    else bytes(segment.buf[start : start + nbytes]) for start, nbytes, dtype, shape in self.layout]
-        finally:
-            segment.unlink()  # first: the name goes even if closing the mapping fails
-            segment.close()
+        with _ctrl_c_deferred():  # attach, copy, unlink as one step: no segment left registered half-way
+            segment = shared_memory.SharedMemory(name=self.name)
+            try:
+                return [np.ndarray(shape, dtype, buffer=segment.buf, offset=start).copy() if dtype is not None
+                        else bytes(segment.buf[start : start + nbytes]) for start, nbytes, dtype, shape in self.layout]
+            finally:
+                segment.unlink()  # first: the name goes even if closing the mapping fails
+                segment.close()
 
     def discard(self) -> None:
         """Remove the segment without reading it (a result that will not be used)."""
         if self.name is None:
             return
-        try:
-            segment = shared_memory.SharedMemory(name=self.name)
-        except FileNotFoundError:
-            return
-        segment.unlink()
-        segment.close()
+        with _ctrl_c_deferred():
+            try:
+                segment = shared_memory.SharedMemory(name=self.name)
+            except FileNotFoundError:
+                return
+            segment.unlink()
+            segment.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Ctrl-C (SIGINT) during the block is acted on when it ends. Attaching registers a segment
+    with the resource tracker and unlinking unregisters it: interrupted between the two, the
+    segment would be removed only at exit, with the tracker's warning of a leak. (Signal
+    handlers belong to the main thread; elsewhere the block runs as it is.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def _create(size: int) -> shared_memory.SharedMemory | None:

@@ -470,6 +470,10 @@ def test_settings_that_differ_from_the_cache_are_refused(reference, image_dir, t
     fmt, ref, _ = reference
     with pytest.raises(CacheError, match="different configuration"):
         _run(image_dir, teachers, ref, fmt, grid_seed=4)
+    # a teacher more or less: named, with the way to add one (its own cache, both trained on)
+    with pytest.raises(CacheError, match=r"the teachers \(alpha, beta in the cache, alpha now\); a teacher added later "
+                                         r"goes into a cache of its own .* `dad train --cache A --cache B`"):
+        _run(image_dir, teachers[:1], ref, fmt)
 
 
 def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_path, monkeypatch):

@@ -31,6 +31,23 @@ def test_invalid_values_name_the_flag(kw, flag):
         build_config({}, _base(**kw))
 
 
+@pytest.mark.parametrize("kw", [{"flip_prob": 2.0}, {"color_jitter": 1.0}, {"feature_alpha": 1.5}, {"max_nonfinite_steps": 0}])
+def test_invalid_file_only_values_name_the_files_key(kw):
+    (key,) = kw
+    with pytest.raises(ConfigError, match=f"^--config: {key}: "):  # no flag of that name exists to point at
+        build_config(kw, _base())
+
+
+def test_the_file_only_options_are_those_without_a_flag():
+    import dataclasses
+
+    from dad.cli import main
+    from dad.train.config import CONFIG_FILE_ONLY, TrainConfig
+
+    flags = {p.name for p in main.commands["train"].params}
+    assert sorted(CONFIG_FILE_ONLY) == sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in flags)
+
+
 def test_config_file_then_flags_override(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('[train]\nbatch-size = 8\nlr = 1e-4\nteacher_probs = "a=0.7,b=0.3"\ncache = "x"\n')

@@ -396,6 +396,10 @@ def test_a_resume_with_other_options_says_what_changed(tmp_path, cache):
     assert "--resume: --lr was 0.0005 in the run resumed, now 0.001" in log
     assert "--resume: --num-iterations was 3 in the run resumed, now 6" in log
     assert "--resume: --seed" not in log and "--resume: --cache" not in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    elapsed = [r["elapsed_s"] for r in records]  # goes on from the checkpoint's value, not from 0
+    assert elapsed == sorted(elapsed) and elapsed[3] > elapsed[2] > 0
     # the run's configuration stays; the resume's is written beside it
     assert json.loads((out / "config.json").read_text())["lr"] == 5e-4
     assert json.loads((out / "config.resumed_at_3.json").read_text())["lr"] == 1e-3

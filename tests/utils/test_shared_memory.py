@@ -57,3 +57,21 @@ def test_a_full_dev_shm_sends_the_values_inline(monkeypatch):
     parts = SharedParts.share(values)
     assert parts.name is None
     _assert_same(parts.take(), values)
+
+
+def test_ctrl_c_waits_for_the_segment_to_be_unlinked():
+    # SIGINT between attaching (registered with the resource tracker) and unlinking would leave a
+    # segment for the tracker to remove at exit, with a warning of a leak: it is held until then
+    import signal
+
+    from dad.utils.shared_memory import _ctrl_c_deferred
+
+    parts = SharedParts.share(_values())
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            values = parts.take()  # not interrupted
+    _assert_same(values, _values())
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=parts.name)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
