@@ -171,8 +171,9 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--val", multiple=True, help="Validate on DATASET[:N] every --val-interval steps (repeatable).")
 @click.option("--val-interval", "--val_interval", "val_interval", type=int, help="Steps between validations [1000].")
 @click.option("--val-input-size", "--val_input_size", "val_input_size", type=int, help="Validation input size [518].")
-@click.option("--num-workers", "--num_workers", "num_workers", type=int, help="DataLoader worker processes; with --online, processes reading the images ahead "
-              "[on GPUs: this process's CPUs - 1, 2 to 8; on CPU: 2].")
+@click.option("--num-workers", "--num_workers", "num_workers", type=int,
+              help="DataLoader worker processes; with --online, processes reading the images ahead "
+                   "[on GPUs: this process's CPUs - 1, 2 to 8; on CPU: 2].")
 @click.option("--seed", type=int, help="Seed of init, sample order, teacher draws, augmentation [0].")
 @click.option("--device", help="auto|cpu|cuda|mps [auto].")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="bf16 autocast on GPU [bf16].")

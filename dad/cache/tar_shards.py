@@ -47,7 +47,8 @@ def tar_safe_key(key: str) -> str:
 def member_fields(geo: Geometry) -> list[str]:
     """The member suffixes (after '<k>.') of every sample, in stored order."""
     ext = codecs.rgb_extension(geo.rgb_codec)
-    fields = ["meta.json", f"rgb_region.{ext}"] + [f"rgb_patch_{i}.{ext}" for i in range(geo.num_patches if geo.patch_rgb else 0)]
+    patches = geo.num_patches if geo.patch_rgb else 0
+    fields = ["meta.json", f"rgb_region.{ext}"] + [f"rgb_patch_{i}.{ext}" for i in range(patches)]
     for t in geo.teachers:
         fields += [f"depth_region.{t}.dq", f"depth_patches.{t}.dq"]
         if geo.features:

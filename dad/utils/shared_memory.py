@@ -6,9 +6,9 @@ parent runs Python (the one launching the teachers' kernels, the writer), each o
 can wait for the interpreter's switch interval (5 ms): a stage-1 image (~7 MB of views and
 encoded bytes at 560 px) then arrives, at worst, at a few per second instead of dozens, and
 takes 2-4x as long as through shared memory when nothing else runs or another thread runs in
-short bursts (``python benchmarks/transfer.py``). Here the worker writes its arrays and byte strings into one
-shared-memory segment and the pipe carries only the segment's name and layout; the parent copies
-the values out and removes the segment.
+short bursts (``python benchmarks/transfer.py``). Here the worker writes its arrays and byte
+strings into one shared-memory segment and the pipe carries only the segment's name and
+layout; the parent copies the values out and removes the segment.
 
 Segments live in /dev/shm, which containers often keep small (Docker: 64 MB). Its pages are
 reserved when the segment is made, so a full /dev/shm is an error then (ENOSPC), not a SIGBUS
