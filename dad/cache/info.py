@@ -25,7 +25,7 @@ from dad.cache.layout import (
 from dad.cache.store import KINDS, TeacherCache
 from dad.errors import CacheError
 from dad.utils.parallel import ordered_map, usable_cpus
-from dad.utils.progress import Progress
+from dad.utils.progress import Progress, format_bytes
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -88,12 +88,6 @@ def describe_notes(notes: dict[str, int]) -> str:
     return "; ".join(f"{n} {kind} ({NOTE_MEANINGS.get(kind, 'see the samples')})" for kind, n in notes.items())
 
 
-def _mb(n: float) -> str:
-    if n < 1e6:
-        return f"{n / 1e3:.1f} kB"
-    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
-
-
 def format_cache_info(info: dict[str, Any]) -> str:
     def num(x: float | None, fmt: str = "{:.3f}") -> str:
         return "-" if x is None else fmt.format(x)
@@ -102,7 +96,7 @@ def format_cache_info(info: dict[str, Any]) -> str:
     state = "yes" if info["complete"] else (
         f"NO, missing shards {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
     sizes = info["sizes"]
-    kinds = ", ".join(f"{k} {_mb(v)}" for k, v in info["bytes_by_kind"].items())
+    kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in info["bytes_by_kind"].items())
     lines = [
         f"cache      {info['path']} ({info['format']}, format v{info['format_version']})",
         f"complete   {info['shards_complete']}/{info['shards_total']} shards: {state}",
@@ -113,7 +107,7 @@ def format_cache_info(info: dict[str, Any]) -> str:
         f"views      region {sizes['global_crop_size']} px, {sizes['num_patches']} patches of {sizes['local_crop_size']} px, "
         f"rgb {sizes['rgb_codec']}{'' if info['patch_rgb'] else ' (region views only: --no-patch-rgb)'}, "
         f"features {'D=' + str(sizes['feature_dim']) if sizes['features'] else 'none'}",
-        f"size       {_mb(info['bytes_total'])} ({kinds}); {num(info['bytes_per_sample'], '{:.0f}')} B/sample",
+        f"size       {format_bytes(info['bytes_total'])} ({kinds}); {num(info['bytes_per_sample'], '{:.0f}')} B/sample",
         f"per value  depth {num(info['depth_bytes_per_pixel'])} B/pixel, features {num(info['feature_bytes_per_value'])} B/value, "
         f"rgb {num(info['rgb_bytes_per_pixel'])} B/pixel",
         "config     " + ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items())),

@@ -48,7 +48,7 @@ from dad.pipeline.prepare import PreparedImage, prepared_images
 from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, TeacherSpec, parse_teacher_specs
 from dad.utils.parallel import stage1_worker_counts
-from dad.utils.progress import Progress
+from dad.utils.progress import Progress, format_bytes
 
 # Images per work shard. A shard is the unit of resumption and of atomic publication; at the
 # paper's sizes (560 px views, 2x2 patches) one image is a few MB per teacher, so 256 images are
@@ -278,8 +278,9 @@ class _BackgroundWriter:
     """Runs ``writer.write_shard`` for one shard after another in a thread, each consuming a
     bounded queue that the main thread fills; errors surface in the main thread."""
 
-    def __init__(self, writer, queue_size: int, log: Callable[[str], None]) -> None:
+    def __init__(self, writer, queue_size: int, log: Callable[[str], None], num_images: int = 0) -> None:
         self.writer, self.queue_size, self.log = writer, queue_size, log
+        self.num_images = num_images  # of the whole cache: what the size so far projects to
         self.records: dict[int, dict] = {}
         self.error: BaseException | None = None
         self._jobs: queue.Queue = queue.Queue()
@@ -298,12 +299,22 @@ class _BackgroundWriter:
                 self.records[shard] = record
                 n = record.get("num_samples", record.get("samples", "?")) if isinstance(record, dict) else "?"
                 self.log(f"shard {shard_name(shard)} (of {total}) written: {n} samples, {len(skipped)} skipped "
-                         f"({time.perf_counter() - t0:.1f} s)")
+                         f"({time.perf_counter() - t0:.1f} s){self._projection()}")
             except _Aborted:
                 return
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
                 return
+
+    def _projection(self) -> str:
+        """'; X written by this job, about Y for all N images': the disk a whole cache will take."""
+        records = [r for r in self.records.values() if isinstance(r, dict) and "bytes" in r]
+        written = sum(r["bytes"] for r in records)
+        images = sum(r.get("num_images", 0) + len(r.get("skipped", ())) for r in records)
+        if not images or not self.num_images:
+            return ""
+        return (f"; {format_bytes(written)} written by this job, about {format_bytes(written / images * self.num_images)} "
+                f"for all {self.num_images} images")
 
     @staticmethod
     def _drain(samples: queue.Queue) -> Iterator[CacheSample]:
@@ -546,7 +557,8 @@ def cache_teachers(
     images_cached = samples_written = 0
     after_first_batch: tuple[float, int, float] | None = None  # (time, images done, CPU time) after start-up
     skipped_all: list[SkippedInput] = []
-    background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log)
+    background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log,
+                                   num_images=n_keys)
     sink = None
     clock = _TimeSplit()
     inputs = prepared_images(source, work, settings, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))

@@ -19,6 +19,14 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def format_bytes(n: float) -> str:
+    """Sizes as people read them: '45.2 kB', '12.3 MB', '1.25 GB', '3.40 TB' (powers of 1000)."""
+    for unit, scale, fmt in (("TB", 1e12, "{:.2f}"), ("GB", 1e9, "{:.2f}"), ("MB", 1e6, "{:.1f}")):
+        if n >= scale:
+            return f"{fmt.format(n / scale)} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
 class Progress:
     """Counts work items; redraws at most every ``interval`` seconds, on one line on a TTY and
     as plain periodic lines in logs (cluster jobs)."""

@@ -25,6 +25,7 @@ from dad.pipeline.cache_teachers import cache_teachers
 from dad.pipeline.grid import extract_views, plan_regions
 from dad.pipeline.teachers import Teacher, parse_teacher_spec
 from dad.utils.images import load_rgb
+from dad.utils.progress import format_bytes
 from tests.conftest import TINY_JSON, TINY_SAFETENSORS, make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -352,6 +353,9 @@ def test_cli_on_real_photographs_and_broken_files(fmt, teachers, tmp_path, photo
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert summary["finalized"] and summary["images_cached"] == len(photo_paths) == 4
+    # the log projects the disk the whole cache takes from what is written (one shard: exactly it)
+    total = cache_info(out)["bytes_total"]
+    assert f"written by this job, about {format_bytes(total)} for all 7 images" in run.stderr
     assert {s["key"] for s in summary["skipped_inputs"]} == {"zero.jpg", "cut.jpg", "readme.jpg"}
     cache = open_cache(out)
     assert sorted(s.image_key for s in cache) == sorted(p.name for p in photo_paths)
