@@ -19,6 +19,8 @@ def format_version(patch_rgb: bool) -> int:
     correctly, 2 for one without the patches' RGB (--no-patch-rgb), which such a reader would
     take for damaged (so it refuses it as too new instead)."""
     return 1 if patch_rgb else 2
+
+
 FORMATS = ("zarr", "webdataset")
 
 

@@ -115,7 +115,7 @@ def write_tar_shard(path: Path, samples: Iterable[EncodedSample], geo: Geometry)
 
             for e in samples:
                 base = tar_safe_key(e.key)
-                parts = [_meta_json(e, geo), e.rgb_region, *(e.rgb_patches if geo.patch_rgb else [])]
+                parts = [_meta_json(e, geo), e.rgb_region, *(e.rgb_patches or [])]  # None: not stored
                 for t in geo.teachers:
                     parts += [e.depth_region[t], e.depth_patches[t]]
                     if geo.features:

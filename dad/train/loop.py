@@ -7,7 +7,6 @@ Shaped like torchtitan: ``train(config)`` sets things up and runs a short loop a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import gc
 import json
@@ -38,7 +37,6 @@ from dad.train.losses import (
     local_global_loss,
     shared_context_and_gradient_losses,
 )
-from dad.utils.parallel import train_worker_count
 from dad.utils.progress import format_duration
 from dad.utils.transfer import HostArrays
 
@@ -438,6 +436,7 @@ def _resume_state(cfg: TrainConfig, info: DistInfo, out_dir: Path, logger: RunLo
         changed = {k: (v, getattr(cfg, k)) for k, v in before.items()
                    if k != "resume" and hasattr(cfg, k) and v != getattr(cfg, k)
                    and not (k == "num_workers" and cfg.num_workers is None)}
+
         def shown(value: Any) -> str:
             return "unset (its default)" if value is None else repr(value)
 
@@ -459,8 +458,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
     state = _resume_state(cfg, info, out_dir, logger)
     start_step = int(state["step"]) if state else 0
 
-    num_workers = train_worker_count(device.type) if cfg.num_workers is None else cfg.num_workers
-    source = make_batch_source(dataclasses.replace(cfg, num_workers=num_workers), info, device, start_step)
+    source = make_batch_source(cfg, info, device, start_step)
     total_steps = total_steps_for(cfg, source.steps_per_epoch)
     source.set_total_steps(total_steps)
     feature_dim = source.feature_dim if cfg.lambda_feat > 0 else None
@@ -509,7 +507,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                     "samples_per_step": cfg.batch_size * cfg.grad_accum * info.world_size, "world_size": info.world_size,
                     "device": str(device), "autocast": "bf16" if cfg.precision == "bf16" and device.type == "cuda" else "none",
                     "crop_grid": getattr(source, "grid_config", None), "student_arch": student.config.to_dict(),
-                    "num_workers": num_workers}
+                    "num_workers": source.num_workers}
         (out_dir / name).write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2, sort_keys=True) + "\n")
         logger.info(
             f"training {student.config.name} student for {total_steps} steps ({source.describe()}), "

@@ -31,7 +31,7 @@ class OnlineBatchSource(SamplerBackedSource):
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, start_step: int, device: torch.device) -> None:
         check_grid_settings(cfg.global_crop_size, cfg.local_crop_size, cfg.min_region, cfg.regions_per_image)
         self.cfg = cfg
-        # dad train resolves a default --num-workers for its device; used alone, for this one
+        # --num-workers left to its default: what suits the device
         self.num_workers = train_worker_count(device.type) if cfg.num_workers is None else cfg.num_workers
         self.source = open_source(cfg.images)
         self.patches = parse_patches(cfg.patches)

@@ -37,11 +37,15 @@ class CachedBatchSource(SamplerBackedSource):
     """Micro-batches read from one or more caches through a DataLoader whose workers each open
     the cache themselves (forkserver: zarr handles are not fork-safe once used)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, start_step: int) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, start_step: int,
+                 device: torch.device | None = None) -> None:
         from dad.cache import open_caches
 
         cache = open_caches(cfg.cache)
         self.cfg, self.cache = cfg, cache
+        # --num-workers left to its default: what suits the device (default: this machine's)
+        device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.num_workers = train_worker_count(device_type) if cfg.num_workers is None else cfg.num_workers
         self.teachers = list(cache.teachers)
         header = cache.config
         for made in header.get("caches", [header]):
@@ -63,9 +67,7 @@ class CachedBatchSource(SamplerBackedSource):
         return text
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        num_workers = self.cfg.num_workers
-        if num_workers is None:  # dad train resolves it for its device; used alone, for this machine's
-            num_workers = train_worker_count("cuda" if torch.cuda.is_available() else "cpu")
+        num_workers = self.num_workers
         if num_workers == 0:
             for plan in self.sampler:
                 yield self.dataset.load(plan)
@@ -83,4 +85,4 @@ def make_batch_source(cfg: TrainConfig, info, device: torch.device, start_step: 
         from dad.train.online import OnlineBatchSource
 
         return OnlineBatchSource(cfg, info.rank, info.world_size, start_step, device)
-    return CachedBatchSource(cfg, info.rank, info.world_size, start_step)
+    return CachedBatchSource(cfg, info.rank, info.world_size, start_step, device)
