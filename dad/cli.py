@@ -311,12 +311,15 @@ def _patches(ctx, param, value):
 @click.option("--encode-workers", "--encode_workers", "encode_workers", default=None, type=int,
               help="Threads that compress the teachers' depth and features behind them (their codecs release "
                    "the GIL); 1: the writer thread itself [2].")
+@click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=True, show_default=True,
+              help="On CUDA, replay each teacher forward from a CUDA graph (one launch; keeps the GPU busy while the "
+                   "host encodes and writes). --no-cuda-graphs: eager forwards, no memory held by the graphs.")
 @_seed_teacher_flags
 @handle_errors(on_interrupt="finished shards are kept, nothing half-written is visible; run the same command "
                             "again to resume")
 def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_crop_size, min_region, regions_per_image,
                        patches, features, feature_dim, rgb_codec, patch_rgb, shard_size, num_shards, shard_index, batch_size,
-                       device, grid_seed, num_workers, encode_workers):
+                       device, grid_seed, num_workers, encode_workers, cuda_graphs):
     """Stage 1: run the teachers once over the crop grid of every image and cache their outputs."""
     from dad.pipeline.cache_teachers import cache_teachers
 
@@ -326,7 +329,7 @@ def cache_teachers_cmd(images, teachers, output, fmt, global_crop_size, local_cr
         features=features, feature_dim=feature_dim, rgb_codec=rgb_codec, patch_rgb=patch_rgb, shard_size=shard_size,
         num_shards=num_shards,
         shard_index=shard_index, batch_size=batch_size, device=device, grid_seed=grid_seed, num_workers=num_workers,
-        encode_workers=encode_workers,
+        encode_workers=encode_workers, cuda_graphs=cuda_graphs,
     )
     click.echo(json.dumps(summary, indent=2, default=str))
 

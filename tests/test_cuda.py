@@ -82,6 +82,31 @@ def test_stage1_batches_in_flight_keep_each_sample_with_its_own_outputs(cuda_cac
         np.testing.assert_allclose(s.depth_patches["tiny"], fresh[i][1], atol=0.02 * span)
 
 
+def test_teacher_forwards_replayed_from_cuda_graphs_match_eager_ones(tiny_checkpoint):
+    from dad.pipeline.teachers import Teacher, parse_teacher_spec
+
+    spec = parse_teacher_spec(f"tiny={tiny_checkpoint}")
+    graphed, eager = Teacher(spec, DEVICE), Teacher(spec, DEVICE, cuda_graphs=False)
+    for t in (graphed, eager):
+        t.set_projection(8, 0)
+    rng = np.random.default_rng(0)
+    # a full batch (captured), a partial one (padded), a larger one (captured again), another
+    # view size (its own graph), each compared with eager forwards of the same views
+    for n, size in ((3, 42), (1, 42), (4, 42), (2, 56)):
+        views = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+        patches = rng.integers(0, 255, (4 * n, 28, 28, 3), dtype=np.uint8)
+        got, want = graphed.predict(views, patches, True), eager.predict(views, patches, True)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=0.02, atol=0.02 * float(np.ptp(w)))
+    if DEVICE.type == "cuda":
+        assert graphed.cuda_graphs and sorted(graphed._graphs) == [(28, 28, 3), (42, 42, 3), (56, 56, 3)]
+        assert graphed._graphs[(42, 42, 3)].capacity == 4
+        state = graphed._graphs[(42, 42, 3)].outputs[0].data_ptr()
+        graphed.predict(rng.integers(0, 255, (2, 42, 42, 3), dtype=np.uint8), np.zeros((0, 28, 28, 3), np.uint8), False)
+        assert graphed._graphs[(42, 42, 3)].outputs[0].data_ptr() == state  # replayed, not captured again
+
+
 def test_a_training_step_waits_for_nothing_and_skips_a_nonfinite_update_on_the_device():
     from dad.models import build_depth_model
     from dad.train.config import TrainConfig
@@ -130,4 +155,7 @@ def test_train_and_infer_on_cuda(cuda_cache, images, tmp_path):
     for path in sorted(images.glob("*.png")):
         one = predict_depth(model, load_rgb(path), input_size=56)
         batched = np.load(out / f"{path.stem}.npy")
-        assert np.abs(batched - one).max() <= 0.02 * max(float(np.ptp(one)), 1e-6), path.name
+        # bf16 in batches of other sizes: apart by a few bf16 steps of the values (2^-8 of them),
+        # which is most of the range for a student this short-trained, whose output is nearly flat
+        tolerance = 0.02 * float(np.ptp(one)) + 2.0**-6 * float(np.abs(one).max())
+        assert np.abs(batched - one).max() <= tolerance, path.name

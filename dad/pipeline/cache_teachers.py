@@ -487,14 +487,15 @@ def cache_teachers(
     grid_seed: int = 0,
     num_workers: int | None = None,
     encode_workers: int | None = None,
+    cuda_graphs: bool = True,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run stage 1 for this job's part of the work; see the module docstring. ``num_shards`` /
     ``shard_index`` are K parts of the work and this job's part (not storage shards, whose size
     is ``shard_size`` images). ``num_workers``: image preparation processes (0: in this process);
     ``encode_workers``: threads encoding the teachers' outputs (1: the writer thread); both
-    default from the CPUs this job may use (``stage1_worker_counts``). Returns a summary of what
-    this call did."""
+    default from the CPUs this job may use (``stage1_worker_counts``). ``cuda_graphs``: teacher
+    forwards on CUDA replay CUDA graphs (``Teacher``). Returns a summary of what this call did."""
     t_start = time.perf_counter()
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -519,7 +520,7 @@ def cache_teachers(
     source = open_source(images)
     source.check_some_exist()
     dev = _device_for(device, split)
-    teacher_objs = [Teacher(spec, dev) for spec in parse_teacher_specs(teachers)]
+    teacher_objs = [Teacher(spec, dev, cuda_graphs=cuda_graphs) for spec in parse_teacher_specs(teachers)]
     if features:
         too_narrow = [t for t in teacher_objs if t.embed_dim < feature_dim]
         if too_narrow:
@@ -667,4 +668,5 @@ def cache_teachers(
         # start-up: on a GPU, what competes for the GIL with launching the teachers' kernels
         "main_process_cpu_ms_per_image": main_cpu_ms,
         "workers": {"prepare": num_workers, "encode": encode_workers},
+        "cuda_graphs": dev.type == "cuda" and all(t.cuda_graphs for t in teacher_objs),
     }

@@ -10,13 +10,15 @@ Forwards: all views of a batch of images of one size go through the teacher in o
 views at S and patches at L share one call when S == L), under ``torch.no_grad`` and bf16
 autocast on CUDA, normalised exactly as ``dad infer`` (``dad.infer.normalize`` of pixels / 255).
 ``launch_parts`` queues them and returns at once, so stage 1 keeps the GPU busy with the next
-batch while the host waits for this one's outputs.
+batch while the host waits for this one's outputs. On CUDA a forward is the replay of a CUDA
+graph captured per view size (``GraphedForward``): one launch, whatever the other threads do.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -91,9 +93,10 @@ def parse_teacher_specs(specs: Sequence[str | TeacherSpec]) -> list[TeacherSpec]
 class Teacher:
     """One teacher: its description for the cache header (cheap: no weights loaded when the
     checkpoint's architecture is known from ``:ARCH`` or dad metadata) and, on first use, the
-    model on ``device``. ``forward_calls`` counts network forwards."""
+    model on ``device``. ``forward_calls`` counts network forwards. ``cuda_graphs``: on CUDA,
+    replay each view size's forward from a CUDA graph (``GraphedForward``)."""
 
-    def __init__(self, spec: TeacherSpec, device: torch.device) -> None:
+    def __init__(self, spec: TeacherSpec, device: torch.device, cuda_graphs: bool = True) -> None:
         device = indexed(torch.device(device))  # compared with the weights' device before every forward
         self.spec, self.device = spec, device
         self.name = spec.name
@@ -118,6 +121,9 @@ class Teacher:
                                 sha256=file_sha256(path))
         self.forward_calls = 0
         self._projection: torch.Tensor | None = None
+        # forwards on CUDA replay a graph per view size (GraphedForward)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, ...], GraphedForward] = {}
 
     @property
     def embed_dim(self) -> int:
@@ -172,9 +178,74 @@ class Teacher:
         """One forward over the concatenated view arrays (joined on the device: no host copy)."""
         model = self.model
         parts = [to_device(v, self.device) for v in views]
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        x = normalize(x.permute(0, 3, 1, 2).float() / 255.0)
-        with autocast_for(self.device):
-            depth, tokens = model(x, return_features=True)
         self.forward_calls += 1
-        return depth.float(), tokens
+        if self.cuda_graphs and self.device.type == "cuda":
+            graphed = self._graphed(model, parts)
+            if graphed is not None:
+                return graphed
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return _teacher_forward(model, x, autocast_for(self.device))
+
+    def _graphed(self, model: DepthAnythingV2, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The forward replayed from this view size's CUDA graph (captured on first use, again
+        for a larger batch); None, and eager forwards from then on, if capture fails."""
+        n, size = sum(len(p) for p in parts), tuple(parts[0].shape[1:])
+        graph = self._graphs.get(size)
+        if graph is None or graph.capacity < n:
+            self._graphs.pop(size, None)  # its memory goes back before the larger one is captured
+            try:
+                graph = self._graphs[size] = GraphedForward(model, (n, *size), self.device)
+            except RuntimeError as e:
+                self.cuda_graphs = False
+                self._graphs.clear()
+                print(f"teacher {self.name}: CUDA graph capture failed ({str(e).splitlines()[0]}); running "
+                      "eager forwards (slower when the host is busy); pass --no-cuda-graphs to skip the attempt",
+                      file=sys.stderr)
+                return None
+        return graph(parts)
+
+
+def _teacher_forward(model: DepthAnythingV2, views: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, S, S, 3) views on the device -> float32 depth (N, S, S), tokens (N, T, C)."""
+    x = normalize(views.permute(0, 3, 1, 2).float() / 255.0)
+    with autocast:
+        depth, tokens = model(x, return_features=True)
+    return depth.float(), tokens
+
+
+class GraphedForward:
+    """A teacher's forward over up to ``shape[0]`` views of one size, as one CUDA graph: a call
+    copies the views into the graph's input and replays it, one launch instead of ~1000. Stage 1
+    launches kernels from a process whose other threads encode and write; each eager launch
+    has to win the GIL back from them, and the GPU idles meanwhile. Fewer views than the
+    capacity fill the front rows (the rest hold stale views, whose outputs are dropped). The
+    outputs are the graph's own tensors, overwritten by the next call: work on them must be
+    queued on the same stream before that (copies to the host are). The graph is captured on
+    zeros, so every real batch goes through a replay, the first one too: a resumed job computes
+    the same bits as an uninterrupted one."""
+
+    def __init__(self, model: DepthAnythingV2, shape: tuple[int, ...], device: torch.device) -> None:
+        self.capacity = shape[0]
+        with torch.cuda.device(device):
+            self.views = torch.zeros(shape, dtype=torch.uint8, device=device)
+            # casts made inside the graph: autocast's cache of cast weights would be freed
+            # after capture while the graph still read it
+            autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS/cuDNN set-up, lazy init)
+                for _ in range(2):
+                    _teacher_forward(model, self.views, autocast())
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = _teacher_forward(model, self.views, autocast())
+
+    def __call__(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        row = 0
+        for part in parts:
+            self.views[row:row + len(part)].copy_(part)
+            row += len(part)
+        self.graph.replay()
+        depth, tokens = self.outputs
+        return depth[:row], tokens[:row]
