@@ -38,7 +38,7 @@ from dad.train.losses import (
     shared_context_and_gradient_losses,
 )
 from dad.utils.progress import format_duration
-from dad.utils.transfer import HostArrays
+from dad.utils.transfer import HostArrays, pinned
 
 STATE_FILE = "train_state.pt"
 TERMS = ("loss_sc", "loss_lg", "loss_feat", "loss_grad")
@@ -122,8 +122,7 @@ class StepBatches:
         if self.stream is not None:
             # pageable memory (the --online batches; the DataLoader pins its own) would make the
             # host wait for each copy
-            micro = [{k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v for k, v in b.items()}
-                     for b in micro]
+            micro = [{k: pinned(v) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in micro]
             with torch.cuda.stream(self.stream):
                 micro = [move_batch(b, self.device) for b in micro]
         return micro

@@ -8,14 +8,31 @@ import numpy as np
 import torch
 
 
+def pinned(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A copy of a host array or tensor in pinned (page-locked) memory (CUDA only), made by
+    numpy in this thread. ``Tensor.pin_memory()`` copies on torch's intra-op threads, which then
+    spin for milliseconds waiting for more work: on a 16-core node ~150 ms of CPU time per copy,
+    taken from the image workers (``benchmarks/cache.py``'s CPU time by thread)."""
+    if isinstance(array, torch.Tensor):
+        if array.is_pinned():
+            return array
+        if array.dtype in (torch.bfloat16,) or array.requires_grad:  # no numpy view of these
+            return array.pin_memory()
+        array = array.numpy()
+    dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype  # numpy's dtype as torch's
+    out = torch.empty(array.shape, dtype=dtype, pin_memory=True)
+    np.copyto(out.numpy(), array)
+    return out
+
+
 def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host array or tensor on ``device``. To a GPU it goes from pinned memory: from pageable
     memory a copy may wait for the GPU's queue to empty, from pinned memory it is queued like a
     kernel."""
-    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+        return pinned(array).to(device, non_blocking=True)
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.to(device)
 
 
 class HostArrays:
@@ -31,7 +48,8 @@ class HostArrays:
             with torch.cuda.device(on_gpu[0].device):  # queued, and waited for, on that GPU's stream (not cuda:0's)
                 self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                               for t in tensors]
-                self._done = torch.cuda.Event()
+                # a blocking event: the waiting thread sleeps, where a default one spins a core
+                self._done = torch.cuda.Event(blocking=True)
                 self._done.record(torch.cuda.current_stream(on_gpu[0].device))
         else:
             self._host = [None if t is None else t.detach().cpu() for t in tensors]
