@@ -50,6 +50,11 @@ STACKED: bool | None = None
 # within this many elements: its int64 temporaries stay near 256 MB each, whatever the batch,
 # patch grid and view size (the paper's 4 x (2x2 patches) x 560 px at 3 levels: one pass).
 STACKED_MAX_ELEMENTS = 1 << 25
+# How the gradient of per-group statistics gathers the pixels' gradients (``_per_pixel``):
+# True, one masked sum per group; False, torch's scatter_add, whose atomics serialise on GPUs
+# (all of a row's pixels add into its few groups) but which is the faster on CPUs; None, the
+# sums on every device but the CPU. The gradients are the same up to float rounding.
+GROUP_SUM_BACKWARD: bool | None = None
 
 
 def hierarchy_levels(num_segments: int) -> list[int]:
@@ -98,6 +103,36 @@ def group_order(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return ((groups << 32) | bits).argsort(dim=1)
 
 
+class _PerPixel(torch.autograd.Function):
+    """Per-group values (R, G) given to each pixel by its group id (R, M): ``stats.gather(1,
+    groups)``. Its backward sums each group's pixel gradients: torch's own (a scatter_add of
+    every pixel into its row's few groups) serialises on the GPU's atomics (half the GPU time of
+    a 560 px training step on an H100, ``benchmarks/train.py``); here it is one masked sum per
+    group, which is also deterministic. Many groups: the scatter_add."""
+
+    @staticmethod
+    def forward(ctx, stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(groups)
+        ctx.num_groups = stats.shape[1]
+        return stats.gather(1, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (groups,) = ctx.saved_tensors
+        if ctx.num_groups > 32:
+            return grad.new_zeros(grad.shape[0], ctx.num_groups).scatter_add_(1, groups, grad), None
+        zero = grad.new_zeros(())
+        return torch.stack([torch.where(groups == g, grad, zero).sum(1) for g in range(ctx.num_groups)], dim=1), None
+
+
+def _per_pixel(stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(R, G) per-group values -> (R, M) per pixel; ids G (no group) get 0. The backward as
+    ``GROUP_SUM_BACKWARD`` says."""
+    padded = torch.cat([stats, stats.new_zeros(stats.shape[0], 1)], dim=1)
+    sums = GROUP_SUM_BACKWARD if GROUP_SUM_BACKWARD is not None else stats.device.type != "cpu"
+    return _PerPixel.apply(padded, groups) if sums else padded.gather(1, groups)
+
+
 def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: torch.Tensor | None,
                  all_grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(median, MAD, count) per group, each (R, G), and each pixel's group median (R, M).
@@ -115,7 +150,7 @@ def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: 
     med = x.gather(1, order.gather(1, rank))
     med = torch.where(count > 0, med, torch.zeros_like(med))
     # MAD: per-group sums of |x - med| as differences of a cumulative sum in group order
-    med_px = torch.cat([med, med.new_zeros(r, 1)], dim=1).gather(1, groups)
+    med_px = _per_pixel(med, groups)
     dev = (x - med_px).abs()
     if not all_grouped:
         dev = torch.where(groups < g, dev, torch.zeros_like(x))
@@ -147,7 +182,7 @@ def normalize_groups(x: torch.Tensor, groups: torch.Tensor, num_groups: int, eps
     ``groups == num_groups`` (no group). ``order`` as for ``grouped_median_mad``;
     ``all_grouped=True`` promises no such pixel, which saves the masking kernels."""
     _, mad, _, med_px = _group_stats(x, groups, num_groups, order, all_grouped)
-    mad_px = torch.cat([mad, mad.new_zeros(x.shape[0], 1)], dim=1).gather(1, groups)
+    mad_px = _per_pixel(mad, groups)
     out = (x - med_px) / (mad_px + eps)
     return out if all_grouped else torch.where(groups < num_groups, out, torch.zeros_like(out))
 

@@ -353,11 +353,13 @@ def test_shared_normalisation_gives_the_separate_losses_bit_for_bit(mode, masked
 
 
 def test_the_gpu_path_of_the_losses_compiles_and_matches_eager(monkeypatch):
-    # GPUs take the stacked normalisation (and `dad train --compile` compiles it): run that
-    # path through torch.compile here, on the CPU, against eager
+    # GPUs take the stacked normalisation and their own backward of the group statistics (and
+    # `dad train --compile` compiles them): run that path through torch.compile here, on the
+    # CPU, against eager
     from dad.train import normalization
 
     monkeypatch.setattr(normalization, "STACKED", True)
+    monkeypatch.setattr(normalization, "GROUP_SUM_BACKWARD", True)
     g = torch.Generator().manual_seed(0)
     b, p, s = 2, 4, 28
     dt, dp = torch.rand(b, s, s, generator=g) + 0.1, torch.rand(b, p, s, s, generator=g) + 0.1

@@ -258,6 +258,26 @@ def test_a_sample_without_valid_pixels_gives_zeros():
         assert torch.isfinite(diff).all() and diff[1].abs().max() == 0.0 and diff[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("num_groups", [1, 4, 40])
+def test_per_group_values_given_to_pixels_pass_back_the_gradient_of_a_gather(num_groups, monkeypatch):
+    # the GPU's backward of per-group statistics (masked sums per group; many groups:
+    # scatter_add) is the gradient of the gather the CPU uses, pixels of no group (id G) included
+    from dad.train import normalization
+
+    monkeypatch.setattr(normalization, "GROUP_SUM_BACKWARD", True)
+    g = torch.Generator().manual_seed(num_groups)
+    stats = torch.randn(3, num_groups, dtype=torch.float64, generator=g).requires_grad_()
+    groups = torch.randint(0, num_groups + 1, (3, 500), generator=g)
+    weights = torch.randn(3, 500, dtype=torch.float64, generator=g)
+    out = normalization._per_pixel(stats, groups)
+    reference = torch.cat([stats, stats.new_zeros(3, 1)], dim=1).gather(1, groups)
+    assert torch.equal(out, reference)
+    (got,) = torch.autograd.grad((out * weights).sum(), stats)
+    (want,) = torch.autograd.grad((reference * weights).sum(), stats)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda s: normalization._per_pixel(s, groups[:, :20]), (stats,))
+
+
 # --------------------------------------------------------------------------------------------
 # the two ways of computing the levels, and the paths without a mask
 
@@ -277,17 +297,20 @@ def test_stacked_levels_equal_level_by_level(mode, k, monkeypatch):
     mask = torch.rand(3, 9, 11, generator=g) > 0.3
     results = {}
     pair = 2 * ds.numel()  # the elements of one level of both maps
-    for path, stacked, budget in (("per level", False, 0), ("one pass", True, 1 << 25),
-                                  ("two levels a pass", True, 2 * pair), ("one level a pass", True, pair)):
+    for path, stacked, budget, sums in (("per level", False, 0, False), ("one pass", True, 1 << 25, False),
+                                        ("two levels a pass", True, 2 * pair, False),
+                                        ("one level a pass", True, pair, False),
+                                        ("one pass, the GPU's backward", True, 1 << 25, True)):
         monkeypatch.setattr(normalization, "STACKED", stacked)
         monkeypatch.setattr(normalization, "STACKED_MAX_ELEMENTS", budget)
+        monkeypatch.setattr(normalization, "GROUP_SUM_BACKWARD", sums)
         for name, m in (("no mask", None), ("mask", mask)):
             leaf = ds.clone().requires_grad_()
             per_pixel, global_maps = normalization.normalized_abs_diff_and_global(leaf, dt, m, mode, k)
             sc, grad = shared_context_and_gradient_losses(leaf, dt, mode=mode, num_segments=k, mask=m)
             (sc + 2 * grad).backward()
             results[path, name] = (per_pixel.detach(), global_maps, leaf.grad)
-    for path in ("one pass", "two levels a pass", "one level a pass"):
+    for path in ("one pass", "two levels a pass", "one level a pass", "one pass, the GPU's backward"):
         for name in ("no mask", "mask"):
             (a, ga, grad_a), (b, gb, grad_b) = results["per level", name], results[path, name]
             assert torch.equal(a, b), (path, name)  # the same computation per row, the same level sum
