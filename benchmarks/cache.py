@@ -42,8 +42,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-workers", type=int, default=None, help="image processes (default: the pipeline's)")
-    ap.add_argument("--variants", default="zarr/png2,webdataset/png2,zarr/png2/no-patch-rgb,zarr/png,zarr/jpeg95",
-                    help="format/rgb-codec[/no-patch-rgb] to run the pipeline with")
+    ap.add_argument("--variants", default="zarr/png2,zarr/png2/eager,webdataset/png2,zarr/png2/no-patch-rgb,zarr/png,zarr/jpeg95",
+                    help="FORMAT/RGB-CODEC[/no-patch-rgb][/eager] to run the pipeline with (eager: --no-cuda-graphs)")
     ap.add_argument("--encode-workers", type=int, default=None, help="encoder threads (default: the pipeline's)")
     ap.add_argument("--simulate-forward-rate", type=float, default=None, metavar="R",
                     help="no teacher compute: each forward waits as a GPU doing R images/s would (GIL released) and "
@@ -73,43 +73,53 @@ def main() -> None:
 
     if args.simulate_forward_rate:
         simulate_teacher(Teacher, args.simulate_forward_rate)
+    variants = []
+    for variant in args.variants.split(","):
+        fmt, codec, *rest = variant.split("/")
+        if any(r not in ("no-patch-rgb", "eager") for r in rest):
+            ap.error(f"--variants {variant}: write FORMAT/CODEC, with /no-patch-rgb and/or /eager after it")
+        variants.append((fmt, codec, "no-patch-rgb" not in rest, "eager" not in rest))
+
     # 1. forwards alone: the same number of views per image (1 region view + 4 patches), no I/O;
-    # as in the pipeline, a batch's outputs come to the host while the next batch runs
-    teacher = Teacher(parse_teacher_specs([f"t={ckpt}"])[0], device)
-    teacher.set_projection(64, 0)
+    # as in the pipeline, a batch's outputs come to the host while the next batch runs; with
+    # CUDA graphs (the pipeline's default) and, if a variant asks for it, eager
     views = np.random.default_rng(0).integers(0, 255, (args.batch_size, args.size, args.size, 3), dtype=np.uint8)
     patches = np.random.default_rng(1).integers(0, 255, (4 * args.batch_size, args.size, args.size, 3), dtype=np.uint8)
-    teacher.predict(views, patches, True)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    done, in_flight = 0, None
-    while done < args.images:
-        launched = teacher.launch_parts([views], [patches], True)
-        if in_flight is not None:
-            in_flight.arrays()
-        in_flight, done = launched, done + args.batch_size
-    in_flight.arrays()
-    forward_rate = done / (time.perf_counter() - start)
+    forward_rate = {}
+    for graphs in sorted({v[3] for v in variants}, reverse=True):
+        teacher = Teacher(parse_teacher_specs([f"t={ckpt}"])[0], device, cuda_graphs=graphs)
+        teacher.set_projection(64, 0)
+        teacher.predict(views, patches, True)  # warm-up (and the graph's capture)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        done, in_flight = 0, None
+        while done < args.images:
+            launched = teacher.launch_parts([views], [patches], True)
+            if in_flight is not None:
+                in_flight.arrays()
+            in_flight, done = launched, done + args.batch_size
+        in_flight.arrays()
+        forward_rate[graphs] = done / (time.perf_counter() - start)
+        del teacher, in_flight, launched
 
     # 2. the whole pipeline, per format and RGB codec. Start-up (teacher load, worker processes,
     # the first CUDA kernels) is paid once per job; 'steady' is the pipeline's own rate after its
     # first batch, what a long job sees.
     rows = []
-    for variant in args.variants.split(","):
-        fmt, codec, *rest = variant.split("/")
-        if rest not in ([], ["no-patch-rgb"]):
-            ap.error(f"--variants {variant}: write FORMAT/CODEC or FORMAT/CODEC/no-patch-rgb")
-        out = work / f"cache_{fmt}_{codec}{'_' + rest[0] if rest else ''}"
+    for fmt, codec, patch_rgb, graphs in variants:
+        out = work / f"cache_{fmt}_{codec}{'' if patch_rgb else '_no-patch-rgb'}{'' if graphs else '_eager'}"
         start = time.perf_counter()
-        summary = cache_teachers(images=str(images), teachers=[f"t={ckpt}"], output=str(out), fmt=fmt,
-                                 global_crop_size=args.size, local_crop_size=args.size, min_region=args.size,
-                                 batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                                 encode_workers=args.encode_workers, rgb_codec=codec, patch_rgb=not rest,
-                                 show_progress=False)
+        with ThreadCPU() as threads:
+            summary = cache_teachers(images=str(images), teachers=[f"t={ckpt}"], output=str(out), fmt=fmt,
+                                     global_crop_size=args.size, local_crop_size=args.size, min_region=args.size,
+                                     batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+                                     encode_workers=args.encode_workers, rgb_codec=codec, patch_rgb=patch_rgb,
+                                     cuda_graphs=graphs, show_progress=False)
         whole = args.images / (time.perf_counter() - start)
-        rows.append((f"{fmt}, {codec}" + (", no patch RGB" if rest else ""), whole, summary["steady_images_per_second"] or whole, cache_info(out),
-                     summary["time_split"], summary["main_process_cpu_ms_per_image"]))
+        label = f"{fmt}, {codec}" + ("" if patch_rgb else ", no patch RGB") + ("" if graphs else ", eager")
+        rows.append((label, graphs, whole, summary["steady_images_per_second"] or whole, cache_info(out),
+                     summary["time_split"], summary["main_process_cpu_ms_per_image"], threads.per_image(args.images)))
         workers = summary["workers"]
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -121,19 +131,89 @@ def main() -> None:
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
     print(f"{'what':<38} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
           f" {'CPU ms/img':>11}   main thread: teachers/input/writer")
-    print(f"{'teacher forwards alone':<38} {forward_rate:>9.2f} {forward_rate:>8.2f} {'100%':>11}")
-    for label, whole, steady, info, split, cpu_ms in rows:
+    for graphs, rate in forward_rate.items():
+        print(f"{'teacher forwards alone' + ('' if graphs else ', eager'):<38} {rate:>9.2f} {rate:>8.2f} {'100%':>11}")
+    for label, graphs, whole, steady, info, split, cpu_ms, _ in rows:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         cpu = f"{cpu_ms:>11.1f}" if cpu_ms is not None else f"{'-':>11}"
-        print(f"{'pipeline, ' + label:<38} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate:>10.0f}% {bpp:>11.3f} "
-              f"{per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
-    print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady;\n"
-          " CPU ms/img: the main process's CPU time per image after start-up, all its threads, teachers included;\n"
-          " main thread: its time in the teacher calls / waiting for prepared images / waiting for the writer)")
+        print(f"{'pipeline, ' + label:<38} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate[graphs]:>10.0f}% "
+              f"{bpp:>11.3f} {per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
+    print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady\n"
+          " with the forwards alone run the same way (CUDA graphs or eager); CPU ms/img: the main process's CPU time\n"
+          " per image after start-up, all its threads, teachers included; main thread: its time in the teacher\n"
+          " calls / waiting for prepared images / waiting for the writer)")
+    print("\nthe main process's CPU ms per image by thread, the whole run (start-up included):")
+    for label, *_, threads in rows:
+        print(f"  {label:<36} " + ", ".join(f"{name} {ms:.0f}" for name, ms in threads[:8]))
     print()
     print(codec_table(out))
     shutil.rmtree(work, ignore_errors=True)
+
+
+class ThreadCPU:
+    """CPU time of each thread of this process over a ``with`` block, from /proc (Linux; empty
+    elsewhere), sampled every ``interval`` s so threads that end inside the block count up to
+    their last sample. Python threads are named by their ``threading`` name (digits dropped:
+    a pool's threads together), others by their kernel name (the CUDA driver's, torch's)."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import threading
+
+        self.interval, self._threading = interval, threading
+        self._first: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _read(tid: str) -> tuple[str, float] | None:
+        import os
+
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            return None
+        return comm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def _sample(self) -> None:
+        import os
+        import re
+
+        if not os.path.isdir("/proc/self/task"):
+            return
+        names = {t.native_id: re.sub(r"[_-]?\d+$", "", t.name) for t in self._threading.enumerate()}
+        before = not self._last  # threads there before the block count from now, later ones from 0
+        for tid in os.listdir("/proc/self/task"):
+            got = self._read(tid)
+            if got is not None:
+                self._first.setdefault(int(tid), got[1] if before else 0.0)
+                self._last[int(tid)] = (names.get(int(tid), got[0]), got[1])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "ThreadCPU":
+        self._sample()
+        self._thread = self._threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def per_image(self, images: int) -> list[tuple[str, float]]:
+        """(thread name, CPU ms per image), largest first; the sampler itself left out."""
+        total: dict[str, float] = {}
+        for tid, (name, seconds) in self._last.items():
+            if name != "bench-sampler":
+                total[name] = total.get(name, 0.0) + seconds - self._first.get(tid, 0.0)
+        return sorted(((n, 1000 * s / max(1, images)) for n, s in total.items() if s > 0), key=lambda x: -x[1])
 
 
 def simulate_teacher(teacher_cls, rate: float) -> None:

@@ -114,7 +114,7 @@ def main() -> None:
     print()
     cfg = TrainConfig(cache=[str(cache)], output_dir=str(work / "run_breakdown"), student_arch=args.student_arch,
                       batch_size=args.batch_size, num_workers=0, device=args.device, seed=0).validate()
-    phases, calls, waits = step_breakdown(cfg, steps=max(3, args.steps // 4))
+    phases, calls, waits, kernels = step_breakdown(cfg, steps=max(3, args.steps // 4))
     total = sum(phases.values())
     print("a cached step, each phase timed alone (device synchronised around it), eager:")
     print("  " + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in phases.items())
@@ -124,6 +124,10 @@ def main() -> None:
     print("  host waits for the device (.item(), boolean masks, copies to the host, ...): "
           + (", ".join(f"{k} {n}" for k, n in waits.items() if n) or "none")
           + " (dad train reads each step's results one step later, with the next step queued)")
+    if kernels:
+        print("  the GPU kernels taking most of a step (all phases; kernel time per step, share of the step's kernel time):")
+        for name, ms, share in kernels:
+            print(f"    {ms:7.2f} ms {100 * share:5.1f}%  {name}")
     load = data_worker_seconds(cfg, batches=max(4, args.steps // 4))
     print(f"one data worker: {1000 * load:.1f} ms per batch (read, decode, augment; one thread, as in a worker); "
           f"--num-workers {args.num_workers}: at most {args.num_workers / load:.1f} steps/s")
@@ -182,12 +186,13 @@ def data_worker_seconds(cfg, batches: int) -> float:
         torch.set_num_threads(threads)
 
 
-def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
+def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int], list]:
     """Seconds per phase of a cached training step (batch to device, student forward, losses,
     backward, clipping + optimizer), each timed alone with the device synchronised, the mean
     over ``steps`` steps after one warm-up step; and each phase's operator calls (about one
     kernel launch each on a GPU) and host waits for the device, counted in the warm-up step. Where to look when a step is
-    slow: a phase whose time is its launches' (~10 us each on a GPU) is bound by the host."""
+    slow: a phase whose time is its launches' (~10 us each on a GPU) is bound by the host. On
+    CUDA also the 12 kernels with most time in one more step (torch.profiler): (name, ms, share)."""
     import time
 
     from dad.infer import autocast_for, resolve_device
@@ -199,7 +204,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
 
     device = resolve_device(cfg.device)
     source = CachedBatchSource(cfg, 0, 1, 0)
-    source.set_total_steps(steps + 1)
+    source.set_total_steps(steps + 2)
     module = DistillModule(build_depth_model(cfg.student_arch), source.feature_dim if cfg.lambda_feat > 0 else None).to(device)
     optimizer = build_optimizer(module, cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -208,6 +213,8 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
     waits = dict.fromkeys(phases, 0)
 
     def timed(name, fn):
+        if counting is None:
+            return fn()
         if not counting:  # the warm-up step: count the operator calls instead
             with OperatorCalls() as counter:
                 out = fn()
@@ -220,8 +227,15 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
         phases[name] += time.perf_counter() - start
         return out
 
+    profiler = None
     for i, batch in enumerate(source):
         counting = i > 0
+        if i > steps:  # one more step, untimed: on CUDA under the profiler
+            if device.type != "cuda":
+                break
+            counting = None
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            profiler.__enter__()
         if device.type == "cuda":  # pinned, as the DataLoader's pin_memory thread hands batches over
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch = timed("to device", lambda: move_batch(batch, device))
@@ -240,7 +254,17 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
             optimizer.zero_grad(set_to_none=True)
 
         timed("optimizer", update)
-    return {k: v / steps for k, v in phases.items()}, calls, waits
+    kernels = []
+    if profiler is not None:
+        sync()
+        profiler.__exit__(None, None, None)
+        times = {}
+        for event in profiler.key_averages():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                times[event.key] = times.get(event.key, 0.0) + event.self_device_time_total / 1000
+        total = sum(times.values()) or 1.0
+        kernels = [(name[:110], ms, ms / total) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:12]]
+    return {k: v / steps for k, v in phases.items()}, calls, waits, kernels
 
 
 if __name__ == "__main__":
