@@ -243,9 +243,10 @@ class GraphedForward:
 
     def __call__(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         row = 0
-        for part in parts:
-            self.views[row:row + len(part)].copy_(part)
-            row += len(part)
-        self.graph.replay()
+        with torch.cuda.device(self.views.device):  # replayed on its own GPU's stream, whichever is current
+            for part in parts:
+                self.views[row:row + len(part)].copy_(part)
+                row += len(part)
+            self.graph.replay()
         depth, tokens = self.outputs
         return depth[:row], tokens[:row]
