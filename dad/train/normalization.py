@@ -106,9 +106,10 @@ def group_order(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 class _PerPixel(torch.autograd.Function):
     """Per-group values (R, G) given to each pixel by its group id (R, M): ``stats.gather(1,
     groups)``. Its backward sums each group's pixel gradients: torch's own (a scatter_add of
-    every pixel into its row's few groups) serialises on the GPU's atomics (half the GPU time of
-    a 560 px training step on an H100, ``benchmarks/train.py``); here it is one masked sum per
-    group, which is also deterministic. Many groups: the scatter_add."""
+    every pixel into its row's few groups) serialises on the GPU's atomics (torch's
+    scatter/gather kernel took half the kernel time of a 560 px training step on an H100,
+    ``benchmarks/train.py``); here it is one masked sum per group, which is also
+    deterministic. Many groups: the scatter_add."""
 
     @staticmethod
     def forward(ctx, stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ def pinned(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         if array.is_pinned():
             return array
-        if array.dtype in (torch.bfloat16,) or array.requires_grad:  # no numpy view of these
+        if array.dtype == torch.bfloat16 or array.requires_grad:  # no numpy view of these
             return array.pin_memory()
         array = array.numpy()
     dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype  # numpy's dtype as torch's
