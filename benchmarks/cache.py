@@ -130,7 +130,7 @@ def main() -> None:
     print(f"teacher {teacher_name}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
     print(f"{'what':<38} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
-          f" {'CPU ms/img':>11}   main thread: teachers/input/writer")
+          f" {'CPU ms/img':>11}   main thread: launch/teachers/input/writer")
     for graphs, rate in forward_rate.items():
         print(f"{'teacher forwards alone' + ('' if graphs else ', eager'):<38} {rate:>9.2f} {rate:>8.2f} {'100%':>11}")
     for label, graphs, whole, steady, info, split, cpu_ms, _ in rows:
@@ -138,11 +138,11 @@ def main() -> None:
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         cpu = f"{cpu_ms:>11.1f}" if cpu_ms is not None else f"{'-':>11}"
         print(f"{'pipeline, ' + label:<38} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate[graphs]:>10.0f}% "
-              f"{bpp:>11.3f} {per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("teachers", "input", "writer")))
+              f"{bpp:>11.3f} {per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("launch", "teachers", "input", "writer")))
     print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady\n"
           " with the forwards alone run the same way (CUDA graphs or eager); CPU ms/img: the main process's CPU time\n"
-          " per image after start-up, all its threads, teachers included; main thread: its time in the teacher\n"
-          " calls / waiting for prepared images / waiting for the writer)")
+          " per image after start-up, all its threads, teachers included; main thread: its time launching the\n"
+          " teachers' forwards / waiting for their outputs / waiting for prepared images / waiting for the writer)")
     print("\nthe main process's CPU ms per image by thread, the whole run (start-up included):")
     for label, *_, threads in rows:
         print(f"  {label:<36} " + ", ".join(f"{name} {ms:.0f}" for name, ms in threads[:8]))

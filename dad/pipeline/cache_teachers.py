@@ -229,13 +229,16 @@ class _Aborted(Exception):
 
 
 class _TimeSplit:
-    """Where the main thread's time goes: the teachers (the GPU's work), waiting for prepared
-    images (too few --num-workers / CPUs, or a slow RGB codec), waiting for the writer (depth
-    and feature encoding, --encode-workers). Shown after a run and in its summary, so a slow
-    job says what to change."""
+    """Where the main thread's time goes: launching the teachers' forwards (copies to the
+    device, kernel launches: on a GPU host work that should be small), waiting for their
+    outputs (the GPU's work), waiting for prepared images (too few --num-workers / CPUs, or a
+    slow RGB codec), waiting for the writer (depth and feature encoding, --encode-workers).
+    Shown after a run and in its summary, so a slow job says what to change."""
 
-    LABELS = {"teachers": "in the teachers", "input": "waiting for prepared images", "writer": "waiting for the writer"}
-    HINTS = {"input": "give the job more CPUs for --num-workers, or a cheaper --rgb-codec",
+    LABELS = {"launch": "launching the teachers", "teachers": "waiting for the teachers",
+              "input": "waiting for prepared images", "writer": "waiting for the writer"}
+    HINTS = {"launch": "the host is slow to queue the forwards: keep --cuda-graphs, give the job more CPUs",
+             "input": "give the job more CPUs for --num-workers, or a cheaper --rgb-codec",
              "writer": "raise --encode-workers (threads encoding the depth and features)"}
 
     def __init__(self) -> None:
@@ -269,6 +272,8 @@ class _TimeSplit:
     def describe(self) -> str:
         parts = []
         for what, frac in self.fractions().items():
+            if what == "launch" and not self.seconds[what]:
+                continue  # forwards that run inside their launch (CPUs): all of it is the teachers'
             hint = f" ({self.HINTS[what]})" if what in self.HINTS and frac > 0.2 else ""
             parts.append(f"{100 * frac:.0f}% {self.LABELS[what]}{hint}")
         return "main thread: " + ", ".join(parts)
@@ -562,6 +567,8 @@ def cache_teachers(
                                    num_images=n_keys)
     sink = None
     clock = _TimeSplit()
+    # on a GPU a launch only queues work; elsewhere the forwards run inside it
+    launch_key = "launch" if dev.type == "cuda" else "teachers"
     inputs = prepared_images(source, work, settings, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
 
     def progressed(num_images: int, shard: int, done_at: tuple[float, float] | None = None) -> None:
@@ -606,7 +613,7 @@ def cache_teachers(
                         skipped_all.append(p.skipped)
                 launched, launched_at = None, (time.perf_counter(), time.process_time())
                 if good:
-                    with clock("teachers"):
+                    with clock(launch_key):
                         launched = launch_batch(good, teacher_objs, features, num_images=len(batch))
                 if in_flight is not None:
                     write(in_flight, sink, shard, launched_at)
