@@ -4,9 +4,9 @@
     python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8
     # CPU smoke run
     python benchmarks/cache.py --teacher-arch vits --size 112 --images 24 --batch-size 4
-    # can this machine's CPUs feed a GPU forwarding 28.6 images/s (an H100 with ViT-L)? no GPU needed
+    # can this machine's CPUs feed a GPU forwarding 36 images/s (an H100 with ViT-L at batch 8)? no GPU needed
     python benchmarks/cache.py --teacher-checkpoint dad/assets/teacher_synthetic.safetensors \
-        --images 256 --simulate-forward-rate 28.6
+        --images 256 --simulate-forward-rate 36
 
 Side by side in one run, on the same synthetic images: images/s of the bare teacher forwards
 over every view (region view + patches) of every image; images/s of the full pipeline (decode,
