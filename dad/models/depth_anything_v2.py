@@ -167,6 +167,42 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+_BICUBIC_WEIGHTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bicubic_weights(side: int, gh: int, gw: int, offset: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gh, side) and (gw, side) float32 matrices R, C with R @ X @ C.T equal (to float
+    rounding) to ``F.interpolate(X, scale_factor=((gh + offset) / side, (gw + offset) / side),
+    mode="bicubic")`` of a (side, side) X: bicubic resizing is separable. Read off
+    ``F.interpolate`` of one-hot rows and columns (exactly upstream's coordinates and clamping
+    at the borders; upstream passes a scale factor, not a size, so the weights depend on the
+    offset); cached per shape and device."""
+    gh, gw = int(gh), int(gw)
+    key = (side, gh, gw, offset, str(device))
+    if key not in _BICUBIC_WEIGHTS:
+        scale = ((gh + offset) / side, (gw + offset) / side)
+        eye = torch.eye(side, dtype=torch.float64)
+        # basis image a: row a all ones (resp. column a); its resize holds column a of R (of C)
+        by_row = eye[:, :, None].expand(side, side, side)[:, None]
+        by_col = eye[:, None, :].expand(side, side, side)[:, None]
+        rows = F.interpolate(by_row, scale_factor=scale, mode="bicubic", antialias=False)[:, 0, :, 0].T
+        cols = F.interpolate(by_col, scale_factor=scale, mode="bicubic", antialias=False)[:, 0, 0, :].T
+        if rows.shape != (gh, side) or cols.shape != (gw, side):
+            raise RuntimeError(f"bicubic weights of shape {tuple(rows.shape)}, {tuple(cols.shape)} for a {gh}x{gw} grid")
+        _BICUBIC_WEIGHTS[key] = (rows.to(device, torch.float32), cols.to(device, torch.float32))
+    return _BICUBIC_WEIGHTS[key]
+
+
+@torch.compiler.disable
+def _resize_bicubic(grid: torch.Tensor, gh: int, gw: int, offset: float) -> torch.Tensor:
+    """(side, side, C) -> (gh, gw, C), upstream's bicubic resize of the positional embedding.
+    Left out of torch.compile: inductor got its backward wrong (the student's gradients off by
+    ~100% at a 3x3 token grid, torch 2.13 on CPU; tests/train/test_train_e2e.py caught it)."""
+    side = grid.shape[0]
+    rows, cols = _bicubic_weights(side, gh, gw, offset, grid.device)
+    return torch.einsum("ia,abc,jb->ijc", rows, grid, cols)
+
+
 class DinoVisionTransformer(nn.Module):
     """DINOv2 ViT without registers, as Depth Anything V2 uses it."""
 
@@ -193,12 +229,12 @@ class DinoVisionTransformer(nn.Module):
             return self.pos_embed.to(dtype)
         pos = self.pos_embed.float()
         side = math.sqrt(n)
-        patch_pos = pos[:, 1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
-        # Upstream passes a scale factor (not a size) so interpolation weights depend on the +0.1.
-        scale = ((gh + self.interpolate_offset) / side, (gw + self.interpolate_offset) / side)
-        patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", antialias=False)
-        assert patch_pos.shape[-2:] == (gh, gw)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        patch_pos = pos[0, 1:].reshape(int(side), int(side), -1)
+        # upstream's bicubic resize, as its two 1-D weight matrices: CUDA's bicubic kernel runs a
+        # thread per output position looping over all channels (6.6 ms forward + 2.2 backward for
+        # ViT-B at 560 px on an H100, 8% of a training step's kernel time); two small matmuls
+        # take microseconds
+        patch_pos = _resize_bicubic(patch_pos, gh, gw, self.interpolate_offset).reshape(1, gh * gw, -1)
         return torch.cat([pos[:, :1], patch_pos], dim=1).to(dtype)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,28 @@ def test_native_grid_uses_position_embedding_unchanged():
     assert model.pretrained.interpolate_pos_encoding(154, 210, torch.float32).shape == (1, 1 + 11 * 15, 48)
 
 
+@pytest.mark.parametrize("side, gh, gw", [(37, 40, 40), (37, 3, 4), (37, 20, 30), (37, 50, 11), (4, 3, 3)])
+def test_position_embedding_resize_is_upstreams_bicubic_interpolation(side, gh, gw):
+    # the resize as two weight matrices read off F.interpolate: the same values and gradients
+    # as upstream's F.interpolate(scale_factor=(g + 0.1) / side, mode="bicubic"), up, down
+    # and across the grid's aspect
+    import torch.nn.functional as F
+
+    from dad.models.depth_anything_v2 import _resize_bicubic
+
+    g = torch.Generator().manual_seed(side + gh + gw)
+    grid = torch.randn(side, side, 8, dtype=torch.float32, generator=g).requires_grad_()
+    weights = torch.randn(gh, gw, 8, generator=g)
+    ours = _resize_bicubic(grid, gh, gw, 0.1)
+    scale = ((gh + 0.1) / side, (gw + 0.1) / side)
+    theirs = F.interpolate(grid.permute(2, 0, 1)[None], scale_factor=scale, mode="bicubic", antialias=False)[0].permute(1, 2, 0)
+    assert ours.shape == theirs.shape == (gh, gw, 8)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), grid)
+    (g_theirs,) = torch.autograd.grad((theirs * weights).sum(), grid)
+    assert torch.allclose(g_ours, g_theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_input_not_multiple_of_patch_is_rejected():
     model = build_depth_model(TINY_JSON)
     with pytest.raises(ValueError, match="multiples of 14"):
