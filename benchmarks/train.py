@@ -201,6 +201,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
     from dad.train.loop import DistillModule, build_optimizer, compute_losses, move_batch
     from dad.train.sources import CachedBatchSource
     from dad.utils.profiling import OperatorCalls
+    from dad.utils.transfer import pinned
 
     device = resolve_device(cfg.device)
     source = CachedBatchSource(cfg, 0, 1, 0)
@@ -237,7 +238,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             profiler.__enter__()
         if device.type == "cuda":  # pinned, as the DataLoader's pin_memory thread hands batches over
-            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = {k: pinned(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch = timed("to device", lambda: move_batch(batch, device))
 
         def forward():
