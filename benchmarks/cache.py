@@ -95,7 +95,7 @@ def main() -> None:
         start = time.perf_counter()
         done, in_flight = 0, None
         while done < args.images:
-            launched = teacher.launch_parts([views], [patches], True)
+            launched = teacher.launch_parts([views], [patches], True, residual_depth=True)  # as the pipeline
             if in_flight is not None:
                 in_flight.arrays()
             in_flight, done = launched, done + args.batch_size
@@ -234,10 +234,10 @@ def simulate_teacher(teacher_cls, rate: float) -> None:
             time.sleep(max(0.0, self.ready_at - time.perf_counter()))
             return self.outputs
 
-    def launch_parts(self, region_parts, patch_parts, features):
-        key = (tuple(a.shape for a in region_parts), tuple(a.shape for a in patch_parts), features)
+    def launch_parts(self, region_parts, patch_parts, features, residual_depth=False):
+        key = (tuple(a.shape for a in region_parts), tuple(a.shape for a in patch_parts), features, residual_depth)
         if key not in made:
-            made[key] = real(self, region_parts, patch_parts, features).arrays()
+            made[key] = real(self, region_parts, patch_parts, features, residual_depth).arrays()
         start = max(time.perf_counter(), device_free_at[0])
         device_free_at[0] = start + sum(len(a) for a in region_parts) / rate
         return Simulated(made[key], device_free_at[0])
@@ -258,8 +258,12 @@ def codec_table(cache_dir: Path, samples: int = 8, repeat: int = 3) -> str:
     depth += [p for s in picked for d in s.depth_patches.values() for p in d]
     rgb = [s.rgb_region for s in picked] + [p for s in picked if s.rgb_patches is not None for p in s.rgb_patches]
     feats = [f for s in picked for f in s.features.values()]
+    # stage 1 quantizes and predicts on the teacher's device: its encoder threads only compress
+    residuals = {id(a): codecs.DepthResiduals(codecs.predict_depth(q), r) for a in depth for q, r in [codecs.quantize_depth(a)]}
+    decode_depth = lambda a, e: codecs.decode_depth(e[0], a.shape, e[1])  # noqa: E731
     kinds = [
-        ("depth (q14 planar, blosc)", depth, lambda a: codecs.encode_depth(a), lambda a, e: codecs.decode_depth(e[0], a.shape, e[1])),
+        ("depth (q14 planar, blosc)", depth, lambda a: codecs.encode_depth(a), decode_depth),
+        ("depth, blosc of residuals", depth, lambda a: codecs.compress_depth(residuals[id(a)]), decode_depth),
         (f"rgb ({rgb_codec})", rgb, lambda a: codecs.encode_rgb(a, rgb_codec), lambda a, e: codecs.decode_rgb(e)),
         ("features (f16, shuffle+zstd)", feats, lambda a: codecs.encode_features(a), lambda a, e: codecs.decode_features(e, a.shape)),
     ]

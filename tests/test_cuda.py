@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dad.cache import codecs
 from dad.data.synthetic import render_scene
 from dad.utils.profiling import OperatorCalls
 from dad.utils.transfer import HostArrays, to_device
@@ -96,15 +97,35 @@ def test_teacher_forwards_replayed_from_cuda_graphs_match_eager_ones(tiny_checkp
         views = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
         patches = rng.integers(0, 255, (4 * n, 28, 28, 3), dtype=np.uint8)
         got, want = graphed.predict(views, patches, True), eager.predict(views, patches, True)
-        for g, w in zip(got, want):
+        # stage 1's outputs: the depth quantized inside the graph, decoded here
+        r_region, lim_region, r_patches, lim_patches, _ = graphed.launch_parts([views], [patches], False, residual_depth=True).arrays()
+        decoded = [codecs.dequantize_depth(codecs.unpredict_depth(r.view(np.uint16)), lim)
+                   for r, lim in ((r_region, lim_region), (r_patches, lim_patches))]
+        for g, w in zip([*got, *decoded], [*want, *want[:2]]):
             assert g.shape == w.shape
             np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=0.02, atol=0.02 * float(np.ptp(w)))
     if DEVICE.type == "cuda":
-        assert graphed.cuda_graphs and sorted(graphed._graphs) == [(28, 28, 3), (42, 42, 3), (56, 56, 3)]
-        assert graphed._graphs[(42, 42, 3)].capacity == 4
-        state = graphed._graphs[(42, 42, 3)].outputs[0].data_ptr()
+        assert graphed.cuda_graphs
+        assert sorted(graphed._graphs) == [(size, residual) for size in [(28, 28, 3), (42, 42, 3), (56, 56, 3)]
+                                           for residual in (False, True)]
+        key = ((42, 42, 3), False)
+        assert graphed._graphs[key].capacity == 4
+        state = graphed._graphs[key].outputs[0].data_ptr()
         graphed.predict(rng.integers(0, 255, (2, 42, 42, 3), dtype=np.uint8), np.zeros((0, 28, 28, 3), np.uint8), False)
-        assert graphed._graphs[(42, 42, 3)].outputs[0].data_ptr() == state  # replayed, not captured again
+        assert graphed._graphs[key].outputs[0].data_ptr() == state  # replayed, not captured again
+
+
+def test_depth_quantized_on_the_gpu_equals_the_numpy_reference():
+    from dad.pipeline.depth_levels import depth_residuals
+    from tests.cache.helpers import smooth_depth
+
+    depth = smooth_depth(np.random.default_rng(0), (6, 70, 90))
+    depth[4] = 2.5  # a constant map
+    depth[5] *= np.float32(1e-38)  # a span whose inverse is beyond float32: float64 for this map only
+    residuals, ranges = depth_residuals(torch.from_numpy(depth).to(DEVICE))
+    levels, want_ranges = codecs.quantize_depth(depth)
+    np.testing.assert_array_equal(residuals.cpu().numpy().view(np.uint16), codecs.predict_depth(levels))
+    np.testing.assert_array_equal(ranges.cpu().numpy(), want_ranges)
 
 
 def test_a_training_step_waits_for_nothing_and_skips_a_nonfinite_update_on_the_device():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numcodecs.blosc
@@ -148,6 +149,7 @@ def _blosc_compress(arr: np.ndarray) -> bytes:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_NOT_FINITE = "a teacher depth map is not finite (NaN or inf); check the teacher checkpoint and its input"
 
 
 def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,13 +159,18 @@ def quantize_depth(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo = d.min(axis=(-2, -1))
     hi = d.max(axis=(-2, -1))
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-        raise CacheError("a teacher depth map is not finite (NaN or inf); check the teacher checkpoint and its input")
+        raise CacheError(_NOT_FINITE)
     span = hi.astype(np.float64) - lo
     scale = np.divide(DEPTH_LEVELS, span, out=np.zeros_like(span), where=span > 0)
-    if (span < _F32_MAX).all() and (scale < _F32_MAX).all():  # every real map: float32 is exact enough and fast
+    # every real map: float32 is exact enough and fast; a span beyond float32 (near +-3e38, or
+    # below ~1e-34): the same arithmetic in float64. Chosen per map, so that a map's levels do
+    # not depend on the maps encoded with it (dad.pipeline.depth_levels chooses the same way)
+    fast = (span < _F32_MAX) & (scale < _F32_MAX)
+    with np.errstate(over="ignore", invalid="ignore"):  # the maps it overflows on are redone below
         q = np.rint((d - lo[..., None, None]) * scale.astype(np.float32)[..., None, None])
-    else:  # spans beyond float32 (near +-3e38, or below ~1e-34): the same arithmetic in float64
-        q = np.rint((d.astype(np.float64) - lo[..., None, None]) * scale[..., None, None])
+    if not fast.all():
+        wide = np.rint((d.astype(np.float64) - lo[..., None, None]) * scale[..., None, None])
+        q = np.where(fast[..., None, None], q, wide)
     np.clip(q, 0, DEPTH_LEVELS, out=q)
     return q.astype(np.uint16), np.stack([lo, hi], axis=-1).astype(np.float32)
 
@@ -206,10 +213,37 @@ def unpredict_depth(z: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class DepthResiduals:
+    """Depth maps already quantized and predicted: ``predict_depth(q)`` and ``ranges`` of
+    ``q, ranges = quantize_depth(depth)``, made elsewhere (stage 1 makes them on the teacher's
+    device: ``dad.pipeline.depth_levels``), so that encoding is only the compression. A
+    sample's depth may be given as these instead of float maps."""
+
+    residuals: np.ndarray  # uint16 (..., H, W)
+    ranges: np.ndarray  # float32 (..., 2): [lo, hi] per map, as quantize_depth gives
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.residuals.shape)
+
+
+def compress_depth(depth: DepthResiduals) -> tuple[bytes, np.ndarray]:
+    """Quantized and predicted maps -> (compressed chunk bytes, float32 ranges (..., 2))."""
+    ranges = np.asarray(depth.ranges, dtype=np.float32)
+    if not np.isfinite(ranges).all():  # NaN or inf in a map (quantize_depth on the host raises the same)
+        raise CacheError(_NOT_FINITE)
+    residuals = np.asarray(depth.residuals)
+    if residuals.dtype != np.uint16 or ranges.shape != (*residuals.shape[:-2], 2):
+        raise CacheError(f"depth residuals must be uint16 (..., H, W) with float32 ranges (..., 2), got "
+                         f"{residuals.dtype} {residuals.shape} and {ranges.shape}")
+    return _blosc_compress(np.ascontiguousarray(residuals)), ranges
+
+
 def encode_depth(depth: np.ndarray) -> tuple[bytes, np.ndarray]:
     """Float maps (..., H, W) -> (compressed chunk bytes, float32 ranges (..., 2))."""
     q, ranges = quantize_depth(depth)
-    return _blosc_compress(predict_depth(q)), ranges
+    return compress_depth(DepthResiduals(predict_depth(q), ranges))
 
 
 def decode_depth_levels(data: bytes, shape: tuple[int, ...]) -> np.ndarray:

@@ -134,6 +134,16 @@ def _check_encoded_rgb(sample: CacheSample, what: str, data: bytes, side: int, c
     return bytes(data)
 
 
+def _encode_depth(sample: CacheSample, what: str, depth: Any, shape: tuple[int, ...]) -> tuple[bytes, np.ndarray]:
+    """Float maps, or maps already quantized and predicted (``codecs.DepthResiduals``, as
+    stage 1 makes them on the teacher's device) -> (chunk bytes, ranges)."""
+    if isinstance(depth, codecs.DepthResiduals):
+        _check(sample, what, depth.residuals, shape, "u")
+        _check(sample, f"{what} ranges", depth.ranges, (*shape[:-2], 2), "f")
+        return codecs.compress_depth(depth)
+    return codecs.encode_depth(_check(sample, what, depth, shape, "f"))
+
+
 def encode_sample(item: CacheSample | RGBEncodedSample, geo: Geometry) -> EncodedSample:
     """Validate a sample against the cache geometry and encode every part (RGB only when it is
     not already encoded; the patches' only when the cache stores them)."""
@@ -171,10 +181,10 @@ def encode_sample(item: CacheSample | RGBEncodedSample, geo: Geometry) -> Encode
     )
     for t in geo.teachers:
         try:
-            d_reg = _check(sample, f"depth_region[{t}]", sample.depth_region[t], (s, s), "f")
-            d_pat = _check(sample, f"depth_patches[{t}]", sample.depth_patches[t], (p, l_, l_), "f")
-            out.depth_region[t], out.depth_region_range[t] = codecs.encode_depth(d_reg)
-            out.depth_patches[t], out.depth_patches_range[t] = codecs.encode_depth(d_pat)
+            out.depth_region[t], out.depth_region_range[t] = _encode_depth(
+                sample, f"depth_region[{t}]", sample.depth_region[t], (s, s))
+            out.depth_patches[t], out.depth_patches_range[t] = _encode_depth(
+                sample, f"depth_patches[{t}]", sample.depth_patches[t], (p, l_, l_))
         except CacheError as e:
             if str(e).startswith("sample "):
                 raise

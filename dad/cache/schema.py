@@ -46,8 +46,10 @@ class CacheSample:
     patch_boxes: np.ndarray  # float32 (P, 4)
     rgb_region: np.ndarray  # uint8 (S, S, 3): the region view, S = global_crop_size
     rgb_patches: np.ndarray | None  # uint8 (P, L, L, 3): the patches, L = local_crop_size (None: not read)
-    depth_region: dict[str, np.ndarray]  # teacher name -> float32 (S, S) disparity
-    depth_patches: dict[str, np.ndarray]  # teacher name -> float32 (P, L, L)
+    # teacher name -> float32 (S, S) disparity (to a cache writer it may also be given quantized,
+    # as a dad.cache.codecs.DepthResiduals: stage 1 quantizes on the teacher's device)
+    depth_region: dict[str, np.ndarray]
+    depth_patches: dict[str, np.ndarray]  # teacher name -> float32 (P, L, L) (or DepthResiduals)
     features: dict[str, np.ndarray] = field(default_factory=dict)  # teacher -> float16 (S/14, S/14, D)
     notes: tuple[str, ...] = ()  # how odd inputs were handled, e.g. ("upscaled",)
 

@@ -34,9 +34,10 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
-from dad.cache.codecs import DEFAULT_RGB_CODEC, rgb_extension
+from dad.cache.codecs import DEFAULT_RGB_CODEC, DepthResiduals, rgb_extension
 from dad.cache.layout import recorded_shards, shard_name
 from dad.cache.sample_codec import RGBEncodedSample
 from dad.cache.schema import FORMATS, CacheSample, SkippedInput, sample_key
@@ -411,9 +412,12 @@ class LaunchedBatch:
     """A batch of prepared images whose teacher forwards are queued (``launch_batch``)."""
 
     good: list[PreparedImage]
-    outputs: dict[str, Any]  # teacher name -> HostArrays of (region depth, patch depth, features)
+    # teacher name -> HostArrays of (region depth, patch depth, features); with residual_depth
+    # (region residuals, region ranges, patch residuals, patch ranges, features)
+    outputs: dict[str, Any]
     features: bool
     num_images: int  # the batch's images, skipped ones included
+    residual_depth: bool = False  # the depth comes quantized (codecs.DepthResiduals), not as floats
 
     @property
     def asynchronous(self) -> bool:
@@ -428,8 +432,16 @@ class LaunchedBatch:
         num_patches = good[0].patches.shape[1]
         outputs = {}
         for name, pending in self.outputs.items():
-            d_region, d_patches, feats = pending.arrays()
-            outputs[name] = (d_region, d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:]), feats)
+            if self.residual_depth:
+                r_region, lim_region, r_patches, lim_patches, feats = pending.arrays()
+                r_patches = r_patches.view(np.uint16).reshape(num_regions, num_patches, *r_patches.shape[1:])
+                lim_patches = lim_patches.reshape(num_regions, num_patches, 2)
+                d_region = [DepthResiduals(r, lim) for r, lim in zip(r_region.view(np.uint16), lim_region, strict=True)]
+                d_patches = [DepthResiduals(r, lim) for r, lim in zip(r_patches, lim_patches, strict=True)]
+            else:
+                d_region, d_patches, feats = pending.arrays()
+                d_patches = d_patches.reshape(num_regions, num_patches, *d_patches.shape[1:])
+            outputs[name] = (d_region, d_patches, feats)
         samples = []
         row = 0
         for g in good:
@@ -448,12 +460,15 @@ class LaunchedBatch:
 
 
 def launch_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool,
-                 num_images: int | None = None) -> LaunchedBatch:
-    """Queue all teachers' forwards on all views of ``good`` (one call per teacher)."""
+                 num_images: int | None = None, residual_depth: bool = False) -> LaunchedBatch:
+    """Queue all teachers' forwards on all views of ``good`` (one call per teacher).
+    ``residual_depth``: the samples' depth comes quantized on the device, ready for the cache
+    writer to compress (``codecs.DepthResiduals``); otherwise as float maps."""
     region_parts = [g.region_views for g in good]  # each (R, S, S, 3)
     patch_parts = [g.patches.reshape(-1, *g.patches.shape[2:]) for g in good]  # each (R * P, L, L, 3)
-    outputs = {t.name: t.launch_parts(region_parts, patch_parts, features) for t in teachers}
-    return LaunchedBatch(good, outputs, features, len(good) if num_images is None else num_images)
+    outputs = {t.name: t.launch_parts(region_parts, patch_parts, features, residual_depth=residual_depth)
+               for t in teachers}
+    return LaunchedBatch(good, outputs, features, len(good) if num_images is None else num_images, residual_depth)
 
 
 def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool) -> list[CacheSample]:
@@ -614,7 +629,7 @@ def cache_teachers(
                 launched, launched_at = None, (time.perf_counter(), time.process_time())
                 if good:
                     with clock(launch_key):
-                        launched = launch_batch(good, teacher_objs, features, num_images=len(batch))
+                        launched = launch_batch(good, teacher_objs, features, num_images=len(batch), residual_depth=True)
                 if in_flight is not None:
                     write(in_flight, sink, shard, launched_at)
                 if launched is None:

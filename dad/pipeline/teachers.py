@@ -10,8 +10,10 @@ Forwards: all views of a batch of images of one size go through the teacher in o
 views at S and patches at L share one call when S == L), under ``torch.no_grad`` and bf16
 autocast on CUDA, normalised exactly as ``dad infer`` (``dad.infer.normalize`` of pixels / 255).
 ``launch_parts`` queues them and returns at once, so stage 1 keeps the GPU busy with the next
-batch while the host waits for this one's outputs. On CUDA a forward is the replay of a CUDA
-graph captured per view size (``GraphedForward``): one launch, whatever the other threads do.
+batch while the host waits for this one's outputs; for stage 1 it also quantizes the depth on
+the device (``residual_depth``), leaving the host only the compression. On CUDA a forward is
+the replay of a CUDA graph captured per view size (``GraphedForward``): one launch, whatever
+the other threads do.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dad.models import (
     read_checkpoint_metadata,
     resolve_arch,
 )
+from dad.pipeline.depth_levels import depth_residuals
 from dad.pipeline.features import orthogonal_projection, project_tokens
 from dad.utils.transfer import HostArrays, to_device
 
@@ -123,7 +126,7 @@ class Teacher:
         self._projection: torch.Tensor | None = None
         # forwards on CUDA replay a graph per view size (GraphedForward)
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple[int, ...], GraphedForward] = {}
+        self._graphs: dict[tuple[tuple[int, ...], bool], GraphedForward] = {}
 
     @property
     def embed_dim(self) -> int:
@@ -153,48 +156,57 @@ class Teacher:
         return tuple(self.launch_parts(region_parts, patch_parts, features).arrays())
 
     @torch.no_grad()
-    def launch_parts(self, region_parts: Sequence[np.ndarray], patch_parts: Sequence[np.ndarray], features: bool
-                     ) -> HostArrays:
+    def launch_parts(self, region_parts: Sequence[np.ndarray], patch_parts: Sequence[np.ndarray], features: bool,
+                     residual_depth: bool = False) -> HostArrays:
         """``predict_parts`` without waiting for the device: the forwards are queued and their
-        outputs start on their way to the host; ``.arrays()`` of the result waits for them."""
+        outputs start on their way to the host; ``.arrays()`` of the result waits for them.
+        ``residual_depth``: each depth output is two, the int16 residual bits and float32 ranges
+        of ``dad.pipeline.depth_levels`` (the cache's encoding but its compression), so
+        ``.arrays()`` gives (region residuals, region ranges, patch residuals, patch ranges,
+        features)."""
         n, m = sum(len(a) for a in region_parts), sum(len(a) for a in patch_parts)
         size_s = region_parts[0].shape[1]
         size_l = next((a.shape[1] for a in patch_parts if len(a)), size_s)
         if size_s == size_l and m:
-            depth, tokens = self._forward(*region_parts, *patch_parts)
-            depth_region, depth_patches, tokens = depth[:n], depth[n:], tokens[:n]
+            *maps, tokens = self._forward(*region_parts, *patch_parts, residual_depth=residual_depth)
+            region, patches, tokens = [t[:n] for t in maps], [t[n:] for t in maps], tokens[:n]
         else:
-            depth_region, tokens = self._forward(*region_parts)
-            depth_patches = self._forward(*patch_parts)[0] if m else depth_region.new_zeros((0, size_l, size_l))
+            *region, tokens = self._forward(*region_parts, residual_depth=residual_depth)
+            if m:
+                patches = self._forward(*patch_parts, residual_depth=residual_depth)[:-1]
+            else:  # no patches: empty outputs of the patches' shapes
+                patches = [t.new_zeros((0, size_l, size_l) if t.dim() == 3 else (0, *t.shape[1:])) for t in region]
         feats = None
         if features:
             if self._projection is None:
                 raise RuntimeError("set_projection() before predicting features")
             p = self.arch.patch_size
             feats = project_tokens(tokens, self._projection, (size_s // p, size_s // p))
-        return HostArrays([depth_region, depth_patches, feats])
+        return HostArrays([*region, *patches, feats])
 
-    def _forward(self, *views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over the concatenated view arrays (joined on the device: no host copy)."""
+    def _forward(self, *views: np.ndarray, residual_depth: bool = False) -> tuple[torch.Tensor, ...]:
+        """One forward over the concatenated view arrays (joined on the device: no host copy):
+        ``_teacher_forward``'s outputs."""
         model = self.model
         parts = [to_device(v, self.device) for v in views]
         self.forward_calls += 1
         if self.cuda_graphs and self.device.type == "cuda":
-            graphed = self._graphed(model, parts)
+            graphed = self._graphed(model, parts, residual_depth)
             if graphed is not None:
                 return graphed
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return _teacher_forward(model, x, autocast_for(self.device))
+        return _teacher_forward(model, x, autocast_for(self.device), residual_depth)
 
-    def _graphed(self, model: DepthAnythingV2, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _graphed(self, model: DepthAnythingV2, parts: list[torch.Tensor], residual_depth: bool
+                 ) -> tuple[torch.Tensor, ...] | None:
         """The forward replayed from this view size's CUDA graph (captured on first use, again
         for a larger batch); None, and eager forwards from then on, if capture fails."""
-        n, size = sum(len(p) for p in parts), tuple(parts[0].shape[1:])
-        graph = self._graphs.get(size)
+        n, key = sum(len(p) for p in parts), (tuple(parts[0].shape[1:]), residual_depth)
+        graph = self._graphs.get(key)
         if graph is None or graph.capacity < n:
-            self._graphs.pop(size, None)  # its memory goes back before the larger one is captured
+            self._graphs.pop(key, None)  # its memory goes back before the larger one is captured
             try:
-                graph = self._graphs[size] = GraphedForward(model, (n, *size), self.device)
+                graph = self._graphs[key] = GraphedForward(model, (n, *key[0]), self.device, residual_depth)
             except RuntimeError as e:
                 self.cuda_graphs = False
                 self._graphs.clear()
@@ -205,11 +217,16 @@ class Teacher:
         return graph(parts)
 
 
-def _teacher_forward(model: DepthAnythingV2, views: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, S, S, 3) views on the device -> float32 depth (N, S, S), tokens (N, T, C)."""
+def _teacher_forward(model: DepthAnythingV2, views: torch.Tensor, autocast, residual_depth: bool = False
+                     ) -> tuple[torch.Tensor, ...]:
+    """uint8 (N, S, S, 3) views on the device -> (float32 depth (N, S, S), tokens (N, T, C));
+    with ``residual_depth`` (int16 residual bits (N, S, S), float32 ranges (N, 2), tokens):
+    the depth as the cache encodes it, before compression (``depth_levels.depth_residuals``)."""
     x = normalize(views.permute(0, 3, 1, 2).float() / 255.0)
     with autocast:
         depth, tokens = model(x, return_features=True)
+    if residual_depth:
+        return (*depth_residuals(depth.float()), tokens)
     return depth.float(), tokens
 
 
@@ -222,9 +239,11 @@ class GraphedForward:
     outputs are the graph's own tensors, overwritten by the next call: work on them must be
     queued on the same stream before that (copies to the host are). The graph is captured on
     zeros, so every real batch goes through a replay, the first one too: a resumed job computes
-    the same bits as an uninterrupted one."""
+    the same bits as an uninterrupted one. With ``residual_depth`` the graph ends with the
+    depth's quantization and prediction (per map: stale rows do not touch the real ones)."""
 
-    def __init__(self, model: DepthAnythingV2, shape: tuple[int, ...], device: torch.device) -> None:
+    def __init__(self, model: DepthAnythingV2, shape: tuple[int, ...], device: torch.device,
+                 residual_depth: bool = False) -> None:
         self.capacity = shape[0]
         with torch.cuda.device(device):
             self.views = torch.zeros(shape, dtype=torch.uint8, device=device)
@@ -235,18 +254,17 @@ class GraphedForward:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS/cuDNN set-up, lazy init)
                 for _ in range(2):
-                    _teacher_forward(model, self.views, autocast())
+                    _teacher_forward(model, self.views, autocast(), residual_depth)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.outputs = _teacher_forward(model, self.views, autocast())
+                self.outputs = _teacher_forward(model, self.views, autocast(), residual_depth)
 
-    def __call__(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         row = 0
         with torch.cuda.device(self.views.device):  # replayed on its own GPU's stream, whichever is current
             for part in parts:
                 self.views[row:row + len(part)].copy_(part)
                 row += len(part)
             self.graph.replay()
-        depth, tokens = self.outputs
-        return depth[:row], tokens[:row]
+        return tuple(t[:row] for t in self.outputs)
