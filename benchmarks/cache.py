@@ -20,6 +20,7 @@ encoders in parallel). The full codec comparison behind the choices is benchmark
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 import time
@@ -42,8 +43,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-workers", type=int, default=None, help="image processes (default: the pipeline's)")
-    ap.add_argument("--variants", default="zarr/png2,zarr/png2/eager,webdataset/png2,zarr/png2/no-patch-rgb,zarr/png,zarr/jpeg95",
-                    help="FORMAT/RGB-CODEC[/no-patch-rgb][/eager] to run the pipeline with (eager: --no-cuda-graphs)")
+    ap.add_argument("--variants", default="zarr/png2,zarr/png2/enc2,zarr/png2/eager,webdataset/png2,zarr/png2/no-patch-rgb,zarr/jpeg95",
+                    help="FORMAT/RGB-CODEC[/no-patch-rgb][/eager][/encN] to run the pipeline with (eager: "
+                         "--no-cuda-graphs; encN: N encoder threads instead of --encode-workers)")
     ap.add_argument("--encode-workers", type=int, default=None, help="encoder threads (default: the pipeline's)")
     ap.add_argument("--simulate-forward-rate", type=float, default=None, metavar="R",
                     help="no teacher compute: each forward waits as a GPU doing R images/s would (GIL released) and "
@@ -76,9 +78,11 @@ def main() -> None:
     variants = []
     for variant in args.variants.split(","):
         fmt, codec, *rest = variant.split("/")
-        if any(r not in ("no-patch-rgb", "eager") for r in rest):
-            ap.error(f"--variants {variant}: write FORMAT/CODEC, with /no-patch-rgb and/or /eager after it")
-        variants.append((fmt, codec, "no-patch-rgb" not in rest, "eager" not in rest))
+        encoders = [r for r in rest if re.fullmatch(r"enc[1-9][0-9]*", r)]
+        if any(r not in ("no-patch-rgb", "eager", *encoders) for r in rest) or len(encoders) > 1:
+            ap.error(f"--variants {variant}: write FORMAT/CODEC, with /no-patch-rgb, /eager and/or /encN after it")
+        variants.append((fmt, codec, "no-patch-rgb" not in rest, "eager" not in rest,
+                         int(encoders[0][3:]) if encoders else args.encode_workers))
 
     # 1. forwards alone: the same number of views per image (1 region view + 4 patches), no I/O;
     # as in the pipeline, a batch's outputs come to the host while the next batch runs; with
@@ -89,7 +93,7 @@ def main() -> None:
     for graphs in sorted({v[3] for v in variants}, reverse=True):
         teacher = Teacher(parse_teacher_specs([f"t={ckpt}"])[0], device, cuda_graphs=graphs)
         teacher.set_projection(64, 0)
-        teacher.predict(views, patches, True)  # warm-up (and the graph's capture)
+        teacher.launch_parts([views], [patches], True, residual_depth=True).arrays()  # warm-up (and the graph's capture)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -106,21 +110,23 @@ def main() -> None:
     # 2. the whole pipeline, per format and RGB codec. Start-up (teacher load, worker processes,
     # the first CUDA kernels) is paid once per job; 'steady' is the pipeline's own rate after its
     # first batch, what a long job sees.
-    rows = []
-    for fmt, codec, patch_rgb, graphs in variants:
-        out = work / f"cache_{fmt}_{codec}{'' if patch_rgb else '_no-patch-rgb'}{'' if graphs else '_eager'}"
+    rows, workers = [], None
+    for fmt, codec, patch_rgb, graphs, encode_workers in variants:
+        label = (f"{fmt}, {codec}" + ("" if patch_rgb else ", no patch RGB") + ("" if graphs else ", eager")
+                 + ("" if encode_workers == args.encode_workers else f", {encode_workers} encoders"))
+        out = work / f"cache_{len(rows)}"
         start = time.perf_counter()
         with ThreadCPU() as threads:
             summary = cache_teachers(images=str(images), teachers=[f"t={ckpt}"], output=str(out), fmt=fmt,
                                      global_crop_size=args.size, local_crop_size=args.size, min_region=args.size,
                                      batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                                     encode_workers=args.encode_workers, rgb_codec=codec, patch_rgb=patch_rgb,
+                                     encode_workers=encode_workers, rgb_codec=codec, patch_rgb=patch_rgb,
                                      cuda_graphs=graphs, show_progress=False)
         whole = args.images / (time.perf_counter() - start)
-        label = f"{fmt}, {codec}" + ("" if patch_rgb else ", no patch RGB") + ("" if graphs else ", eager")
         rows.append((label, graphs, whole, summary["steady_images_per_second"] or whole, cache_info(out),
                      summary["time_split"], summary["main_process_cpu_ms_per_image"], threads.per_image(args.images)))
-        workers = summary["workers"]
+        if encode_workers == args.encode_workers or workers is None:
+            workers = summary["workers"]  # the defaults, which the header line names
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if args.simulate_forward_rate:
@@ -147,7 +153,7 @@ def main() -> None:
     for label, *_, threads in rows:
         print(f"  {label:<36} " + ", ".join(f"{name} {ms:.0f}" for name, ms in threads[:8]))
     print()
-    print(codec_table(out))
+    print(codec_table(work / "cache_0"))  # the first variant's
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -310,7 +310,8 @@ def _patches(ctx, param, value):
                    "process (default: most of the job's CPUs).")
 @click.option("--encode-workers", "--encode_workers", "encode_workers", default=None, type=int,
               help="Threads that compress the teachers' depth and features behind them (their codecs release "
-                   "the GIL); 1: the writer thread itself [2].")
+                   "the GIL); 1: the writer thread itself (default: 3 per teacher, at most a quarter of the "
+                   "job's CPUs, at least 2).")
 @click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=True, show_default=True,
               help="On CUDA, replay each teacher forward from a CUDA graph (one launch; keeps the GPU busy while the "
                    "host encodes and writes). --no-cuda-graphs: eager forwards, no memory held by the graphs.")

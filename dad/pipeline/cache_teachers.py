@@ -534,7 +534,7 @@ def cache_teachers(
         raise ConfigError(f"--feature-dim {feature_dim}: must be >= 1 (or use --no-features)")
     rgb_extension(rgb_codec)  # an unknown codec fails now, naming --rgb-codec, not once per image
     split = resolve_work_split(num_shards, shard_index)
-    num_workers, encode_workers = stage1_worker_counts(num_workers, encode_workers)
+    num_workers, encode_workers = stage1_worker_counts(num_workers, encode_workers, num_teachers=len(teachers))
 
     log = (lambda msg: print(f"cache-teachers: {msg}", file=sys.stderr, flush=True)) if show_progress else (lambda msg: None)
     source = open_source(images)

@@ -46,22 +46,24 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cpus: int | None = None) -> tuple[int, int]:
+def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cpus: int | None = None,
+                         num_teachers: int = 1) -> tuple[int, int]:
     """Default (image preparation processes, teacher-output encoder threads) for stage 1 on
     ``cpus`` CPUs (default: this job's, shared with the other processes torchrun started on the
-    node). The teachers' depth and features are encoded in 2 threads of the main process
-    (~0.02 s of a core per image and teacher; numpy, blosc and zstd release the GIL, so the
-    threads run in parallel and leave the GIL to the thread driving the teachers): one thread
-    would be busy most of the time behind an H100 with one ViT-L teacher. Preparation (decode,
-    crop, PNG-encode the RGB: ~0.15 s of a core per image at 560 px with the default png2, ~0.4 s
-    with png) gets the remaining CPUs but the one driving the teachers."""
+    node). The teachers' depth and features are compressed in threads of the main process
+    (blosc and zstd release the GIL, so they run in parallel and leave the GIL to the thread
+    driving the teachers): 3 per teacher, at most a quarter of the CPUs, at least 2. Behind an
+    H100 running ViT-L at 36 images/s one teacher's outputs took ~0.05 s of a core per image
+    (benchmarks/RESULTS.md), ~1.8 cores, and 2 threads left the GPU waiting for the writer.
+    Preparation (decode, crop, PNG-encode the RGB: ~0.15 s of a core per image at 560 px with
+    the default png2, ~0.4 s with png) gets the CPUs the encoder threads leave.
+    Idle threads and workers cost nothing, so the counts err on the generous side."""
+    if cpus is None:  # torchrun starts one such job per GPU, each seeing every CPU of the node
+        cpus = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     if encode_workers is None:
-        encode_workers = 2
+        encode_workers = max(2, min(3 * max(1, num_teachers), cpus // 4))
     if num_workers is None:
-        if cpus is None:  # torchrun starts one such job per GPU, each seeing every CPU of the node
-            cpus = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-        spare = cpus - 1 - (encode_workers - 1)
-        num_workers = min(32, max(1, spare))
+        num_workers = min(32, max(1, cpus - encode_workers))
     return num_workers, encode_workers
 
 

@@ -128,15 +128,17 @@ def test_stopping_early_stops_the_workers(folder):
 
 
 def test_default_worker_counts(monkeypatch):
-    assert stage1_worker_counts(None, None, cpus=16) == (14, 2)  # 2 encoder threads take a core's share
-    assert stage1_worker_counts(None, None, cpus=2) == (1, 2)
+    assert stage1_worker_counts(None, None, cpus=16) == (13, 3)  # 3 encoder threads a teacher take their cores' share
+    assert stage1_worker_counts(None, None, cpus=16, num_teachers=2) == (12, 4)  # at most a quarter of the CPUs
+    assert stage1_worker_counts(None, None, cpus=64, num_teachers=2) == (32, 6)
+    assert stage1_worker_counts(None, None, cpus=2) == (1, 2)  # at least 2
     assert stage1_worker_counts(None, 4, cpus=16) == (12, 4)
     assert stage1_worker_counts(None, 1, cpus=16) == (15, 1)  # encoding in the writer thread itself
-    assert stage1_worker_counts(0, None, cpus=64) == (0, 2)
-    assert stage1_worker_counts(None, None, cpus=128) == (32, 2)
+    assert stage1_worker_counts(0, None, cpus=64) == (0, 3)
+    assert stage1_worker_counts(None, None, cpus=128) == (32, 3)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs: the node's CPUs shared 8 ways
     monkeypatch.setattr("dad.utils.parallel.usable_cpus", lambda: 128)
-    assert stage1_worker_counts(None, None) == (14, 2)
+    assert stage1_worker_counts(None, None) == (13, 3)
 
 
 def test_default_training_worker_counts(monkeypatch):
