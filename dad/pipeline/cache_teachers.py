@@ -14,7 +14,8 @@ Three stages overlap: a pool of worker processes reads, decodes, crops and RGB-e
 will read) ahead of the teacher forwards in the main thread; a background thread consumes the
 samples through ``writer.write_shard`` (encode depth and features in --encode-workers threads,
 whose codecs release the GIL; write) behind them, fed by a bounded queue. The main thread does
-little besides driving the teachers, so on a GPU its GIL is free for launching kernels.
+little besides driving the teachers, so on a GPU its GIL is free for launching kernels, and it
+keeps ``BATCHES_AHEAD`` batches' forwards queued beyond the one whose outputs it collects.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
@@ -221,6 +223,9 @@ def build_header(keys: Sequence[str], teachers: Sequence[Teacher], *, global_cro
 # ---------------------------------------------------------------------------------------------
 # writing shards (one background thread)
 
+
+# batches whose forwards are queued ahead of the one whose outputs the host collects
+BATCHES_AHEAD = 2
 
 _END, _ABORT = object(), object()
 
@@ -418,6 +423,8 @@ class LaunchedBatch:
     features: bool
     num_images: int  # the batch's images, skipped ones included
     residual_depth: bool = False  # the depth comes quantized (codecs.DepthResiduals), not as floats
+    # (wall, CPU) time when the outputs were complete, if they were when the launch returned (CPUs)
+    ready_at: tuple[float, float] | None = None
 
     @property
     def asynchronous(self) -> bool:
@@ -468,7 +475,10 @@ def launch_batch(good: list[PreparedImage], teachers: Sequence[Teacher], feature
     patch_parts = [g.patches.reshape(-1, *g.patches.shape[2:]) for g in good]  # each (R * P, L, L, 3)
     outputs = {t.name: t.launch_parts(region_parts, patch_parts, features, residual_depth=residual_depth)
                for t in teachers}
-    return LaunchedBatch(good, outputs, features, len(good) if num_images is None else num_images, residual_depth)
+    batch = LaunchedBatch(good, outputs, features, len(good) if num_images is None else num_images, residual_depth)
+    if not batch.asynchronous:
+        batch.ready_at = (time.perf_counter(), time.process_time())
+    return batch
 
 
 def samples_for_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool) -> list[CacheSample]:
@@ -580,7 +590,6 @@ def cache_teachers(
     skipped_all: list[SkippedInput] = []
     background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log,
                                    num_images=n_keys)
-    sink = None
     clock = _TimeSplit()
     # on a GPU a launch only queues work; elsewhere the forwards run inside it
     launch_key = "launch" if dev.type == "cuda" else "teachers"
@@ -598,51 +607,62 @@ def cache_teachers(
             gc.freeze()
         bar.update(num_images, postfix=f"shard {shard_name(shard)}, {len(skipped_all)} skipped")
 
-    def write(batch: LaunchedBatch, sink: _ShardSink, shard: int, next_launched_at: tuple[float, float] | None = None) -> None:
+    open_sinks: dict[int, _ShardSink] = {}  # shards begun and not yet ended, in order
+
+    def end_shards_before(shard: int | None) -> None:
+        """End the shards before ``shard`` (None: all): the writer takes shards in order, so the
+        samples of a later shard may be handed over only once the earlier ones have ended."""
+        for k in [k for k in open_sinks if shard is None or k < shard]:
+            with clock("writer"):
+                open_sinks.pop(k).end()
+
+    def write(shard: int, batch: LaunchedBatch) -> None:
         nonlocal samples_written, images_cached
         with clock("teachers"):
             samples = batch.samples()  # waits for the device
-        done_at = (time.perf_counter(), time.process_time())
-        if next_launched_at is not None and not batch.asynchronous:
-            done_at = next_launched_at  # computed within its own launch (CPUs), before the next one began
+        done_at = batch.ready_at or (time.perf_counter(), time.process_time())
+        end_shards_before(shard)
         with clock("writer"):
             for sample in _with_encoded_rgb(samples, batch.good):
-                sink.put(sample)
+                open_sinks[shard].put(sample)
                 samples_written += 1
         images_cached += len(batch.good)
         progressed(batch.num_images, shard, done_at)
 
-    try:
-        prepared = clock.timed_iter(inputs, "input")
-        for shard, items in groupby(prepared, key=lambda p: p.shard):
-            sink = background.begin(shard, total_shards)
-            # one batch in flight: its outputs are collected after the next batch's forwards are
-            # queued, so the GPU computes while the host hands results to the writer and takes
-            # the next prepared images
-            in_flight: LaunchedBatch | None = None
+    def shard_batches() -> Iterator[tuple[int, list[PreparedImage]]]:
+        """(shard, batch) in order; a batch holds images of one shard."""
+        for shard, items in groupby(clock.timed_iter(inputs, "input"), key=lambda p: p.shard):
             for batch in _batches(items, batch_size):
-                good = [p for p in batch if p.skipped is None]
-                for p in batch:
-                    if p.skipped is not None:
-                        sink.skipped.append(p.skipped)
-                        skipped_all.append(p.skipped)
-                launched, launched_at = None, (time.perf_counter(), time.process_time())
-                if good:
-                    with clock(launch_key):
-                        launched = launch_batch(good, teacher_objs, features, num_images=len(batch), residual_depth=True)
-                if in_flight is not None:
-                    write(in_flight, sink, shard, launched_at)
-                if launched is None:
-                    progressed(len(batch), shard)
-                in_flight = launched
-            if in_flight is not None:
-                write(in_flight, sink, shard)
-            with clock("writer"):
-                sink.end()
-            sink = None
+                yield shard, batch
+
+    try:
+        # BATCHES_AHEAD batches in flight: a batch's outputs are collected once the next ones'
+        # forwards are queued, so the GPU computes while the host hands results to the writer
+        # and takes the next prepared images, across shard boundaries too, and a hiccup of the
+        # host shorter than those batches' forwards costs the GPU nothing
+        in_flight: deque[tuple[int, LaunchedBatch]] = deque()
+        for shard, batch in shard_batches():
+            if shard not in open_sinks:
+                open_sinks[shard] = background.begin(shard, total_shards)
+            good = [p for p in batch if p.skipped is None]
+            for p in batch:
+                if p.skipped is not None:
+                    open_sinks[shard].skipped.append(p.skipped)
+                    skipped_all.append(p.skipped)
+            if good:
+                with clock(launch_key):
+                    in_flight.append((shard, launch_batch(good, teacher_objs, features, num_images=len(batch),
+                                                          residual_depth=True)))
+            else:
+                progressed(len(batch), shard)
+            while len(in_flight) > BATCHES_AHEAD:
+                write(*in_flight.popleft())
+        while in_flight:
+            write(*in_flight.popleft())
+        end_shards_before(None)
         background.close()  # the drain at the end, like start-up, is not part of the split
     except BaseException:
-        background.abort(sink)
+        background.abort(next(iter(open_sinks.values()), None))  # the one the writer is on (or will be)
         raise
     finally:
         inputs.close()  # stops the preparation workers

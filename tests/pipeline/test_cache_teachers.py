@@ -299,11 +299,22 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(reference, image_dir
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, json.dumps(args)], cwd=REPO, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     stderr = _StderrLines(proc)
+    workers: set[int] = set()  # every child seen while it ran (the image workers may finish before the kill)
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            workers.update(_children(proc.pid))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         seen = stderr.until(lambda line: " written: " in line, timeout=90)
-        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
     finally:
+        watching.set()
+        watcher.join()
         proc.wait(timeout=30)
     assert any(" written: " in line for line in seen), "".join(seen)
     assert proc.returncode == -signal.SIGKILL
@@ -481,6 +492,41 @@ def test_settings_that_differ_from_the_cache_are_refused(reference, image_dir, t
         _run(image_dir, teachers[:1], ref, fmt)
 
 
+def test_batches_stay_in_flight_across_shard_boundaries(image_dir, teachers, tmp_path, monkeypatch):
+    """The host collects a batch's outputs only once BATCHES_AHEAD later batches are launched,
+    also when the next batches belong to the next shard: the GPU is not drained at the end of
+    every shard."""
+    from dad.pipeline import cache_teachers as stage1
+
+    events: list[tuple[str, int]] = []
+    launch, samples = stage1.launch_batch, stage1.LaunchedBatch.samples
+
+    def logged_launch(good, *args, **kwargs):
+        events.append(("launch", good[0].shard))
+        return launch(good, *args, **kwargs)
+
+    def logged_samples(self):
+        events.append(("collect", self.good[0].shard))
+        return samples(self)
+
+    monkeypatch.setattr(stage1, "launch_batch", logged_launch)
+    monkeypatch.setattr(stage1.LaunchedBatch, "samples", logged_samples)
+    summary = _run(image_dir, teachers[:1], tmp_path / "cache", "zarr", batch_size=1, num_workers=0)
+    assert summary["finalized"] and summary["num_shards"] == 4
+    launches = [k for what, k in events if what == "launch"]
+    collected = 0
+    for i, (what, shard) in enumerate(events):
+        if what == "collect":
+            launched = sum(1 for w, _ in events[:i] if w == "launch")
+            assert launched == min(len(launches), collected + 1 + stage1.BATCHES_AHEAD), events
+            collected += 1
+    assert collected == len(launches) == 12 - len(BAD)
+    # some shard's last batch is collected after the next shard's first was launched
+    crossings = [i for i, (what, k) in enumerate(events) if what == "collect"
+                 and any(w == "launch" and k2 > k for w, k2 in events[:i])]
+    assert crossings
+
+
 def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_path, monkeypatch):
     out = tmp_path / "failing"
     original = Teacher.launch_parts
@@ -488,7 +534,11 @@ def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_pa
 
     def failing(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:  # shard 1's first batch (shard 0: one batch of two teachers, one all-bad batch)
+        # shards of 3 images, batches of 2, two teachers: shard 0 is one batch (calls 1-2) and one
+        # all-bad one, shard 1 two batches (3-6), shard 2 two (7-10). A batch's outputs are
+        # collected two launches later: at call 9 shard 0 has been handed over whole and ended,
+        # shard 1 not yet ended
+        if len(calls) == 9:
             raise RuntimeError("simulated device failure")
         return original(self, *args, **kwargs)
 
