@@ -309,7 +309,7 @@ class _BackgroundWriter:
                 record = self.writer.write_shard(shard, self._drain(samples), skipped)
                 self.records[shard] = record
                 n = record.get("num_samples", record.get("samples", "?")) if isinstance(record, dict) else "?"
-                self.log(f"shard {shard_name(shard)} (of {total}) written: {n} samples, {len(skipped)} skipped "
+                self.log(f"shard {shard_name(shard)} (of {total}) written: {n} sample{'' if n == 1 else 's'}, {len(skipped)} skipped "
                          f"({time.perf_counter() - t0:.1f} s){self._projection()}")
             except _Aborted:
                 return
