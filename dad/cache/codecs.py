@@ -223,10 +223,6 @@ class DepthResiduals:
     residuals: np.ndarray  # uint16 (..., H, W)
     ranges: np.ndarray  # float32 (..., 2): [lo, hi] per map, as quantize_depth gives
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.residuals.shape)
-
 
 def compress_depth(depth: DepthResiduals) -> tuple[bytes, np.ndarray]:
     """Quantized and predicted maps -> (compressed chunk bytes, float32 ranges (..., 2))."""
