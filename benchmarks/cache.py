@@ -124,7 +124,8 @@ def main() -> None:
                                      cuda_graphs=graphs, show_progress=False)
         whole = args.images / (time.perf_counter() - start)
         rows.append((label, graphs, whole, summary["steady_images_per_second"] or whole, cache_info(out),
-                     summary["time_split"], summary["main_process_cpu_ms_per_image"], threads.per_image(args.images)))
+                     summary["time_split"], summary["main_process_cpu_ms_per_image"], summary["gpu_busy"],
+                     threads.per_image(args.images)))
         if encode_workers == args.encode_workers or workers is None:
             workers = summary["workers"]  # the defaults, which the header line names
 
@@ -136,19 +137,22 @@ def main() -> None:
     print(f"teacher {teacher_name}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
     print(f"{'what':<38} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
-          f" {'CPU ms/img':>11}   main thread: launch/teachers/input/writer")
+          f" {'CPU ms/img':>11} {'GPU busy':>9}   main thread: launch/teachers/input/writer")
     for graphs, rate in forward_rate.items():
         print(f"{'teacher forwards alone' + ('' if graphs else ', eager'):<38} {rate:>9.2f} {rate:>8.2f} {'100%':>11}")
-    for label, graphs, whole, steady, info, split, cpu_ms, _ in rows:
+    for label, graphs, whole, steady, info, split, cpu_ms, gpu_busy, _ in rows:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         cpu = f"{cpu_ms:>11.1f}" if cpu_ms is not None else f"{'-':>11}"
+        cpu += f" {100 * gpu_busy:>8.0f}%" if gpu_busy is not None else f" {'-':>9}"
         print(f"{'pipeline, ' + label:<38} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate[graphs]:>10.0f}% "
               f"{bpp:>11.3f} {per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("launch", "teachers", "input", "writer")))
     print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady\n"
           " with the forwards alone run the same way (CUDA graphs or eager); CPU ms/img: the main process's CPU time\n"
-          " per image after start-up, all its threads, teachers included; main thread: its time launching the\n"
-          " teachers' forwards / waiting for their outputs / waiting for prepared images / waiting for the writer)")
+          " per image after start-up, all its threads, teachers included; GPU busy: the share of that time the\n"
+          " GPU worked on the batches (CUDA events; high with a low 'of forward': forwards slowed in the pipeline,\n"
+          " low: a GPU the host left idle); main thread: its time launching the teachers' forwards / waiting for\n"
+          " their outputs / waiting for prepared images / waiting for the writer)")
     print("\nthe main process's CPU ms per image by thread, the whole run (start-up included):")
     for label, *_, threads in rows:
         print(f"  {label:<36} " + ", ".join(f"{name} {ms:.0f}" for name, ms in threads[:8]))

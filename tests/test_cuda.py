@@ -62,6 +62,8 @@ def cuda_cache(tmp_path_factory, images, tiny_checkpoint) -> Path:
     summary = cache_teachers(images=str(images), teachers=[f"tiny={tiny_checkpoint}"], output=str(out), fmt="zarr",
                              shard_size=4, batch_size=2, device=DEVICE.type, num_workers=1, show_progress=False, **grid)
     assert summary["finalized"] and summary["images_cached"] == 7
+    # the GPU's share of the time, timed on it: a fraction on CUDA, None elsewhere
+    assert summary["gpu_busy"] is None if DEVICE.type != "cuda" else 0 < summary["gpu_busy"] <= 1
     return out
 
 

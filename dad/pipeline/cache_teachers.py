@@ -51,6 +51,7 @@ from dad.pipeline.prepare import PreparedImage, prepared_images
 from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, TeacherSpec, parse_teacher_specs
 from dad.utils.parallel import stage1_worker_counts
+from dad.utils.transfer import pinned
 from dad.utils.progress import Progress, format_bytes
 
 # Images per work shard. A shard is the unit of resumption and of atomic publication; at the
@@ -285,6 +286,32 @@ class _TimeSplit:
         return "main thread: " + ", ".join(parts)
 
 
+class _DeviceBusy:
+    """The fraction of the time the GPU spent on stage 1's batches (after start-up): the sum of
+    their ``device_seconds`` over the wall time. Beside the rate it tells a GPU left idle by
+    the host (low) from forwards that run slower in the pipeline than alone (high)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.busy_seconds, self.measured = 0.0, False
+        self.since = self.until = time.perf_counter()
+
+    def add(self, batch: "LaunchedBatch") -> None:
+        """Count a batch, once its outputs have arrived."""
+        seconds = batch.device_seconds()
+        if seconds is not None:
+            self.busy_seconds += seconds
+            self.measured = True
+            self.until = time.perf_counter()
+
+    def fraction(self) -> float | None:
+        """None where the batches were not timed on the device (CPUs)."""
+        wall = self.until - self.since
+        return round(min(1.0, self.busy_seconds / wall), 3) if self.measured and wall > 0 else None
+
+
 class _BackgroundWriter:
     """Runs ``writer.write_shard`` for one shard after another in a thread, each consuming a
     bounded queue that the main thread fills; errors surface in the main thread."""
@@ -425,6 +452,17 @@ class LaunchedBatch:
     residual_depth: bool = False  # the depth comes quantized (codecs.DepthResiduals), not as floats
     # (wall, CPU) time when the outputs were complete, if they were when the launch returned (CPUs)
     ready_at: tuple[float, float] | None = None
+    # CUDA events recorded before the batch's first copy to the GPU and after its last copy back
+    device_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+
+    def device_seconds(self) -> float | None:
+        """How long the GPU worked on this batch (copies in, forwards, copies out), once its
+        outputs have arrived; None off CUDA."""
+        if self.device_span is None:
+            return None
+        start, end = self.device_span
+        end.synchronize()  # recorded right after the copies waited for: done, or nearly
+        return start.elapsed_time(end) / 1000
 
     @property
     def asynchronous(self) -> bool:
@@ -468,14 +506,26 @@ class LaunchedBatch:
 
 def launch_batch(good: list[PreparedImage], teachers: Sequence[Teacher], features: bool,
                  num_images: int | None = None, residual_depth: bool = False) -> LaunchedBatch:
-    """Queue all teachers' forwards on all views of ``good`` (one call per teacher).
+    """Queue all teachers' forwards on all views of ``good`` (one call per teacher; on a GPU
+    the views are copied there once, and the batch's span on the GPU is timed: ``device_seconds``).
     ``residual_depth``: the samples' depth comes quantized on the device, ready for the cache
     writer to compress (``codecs.DepthResiduals``); otherwise as float maps."""
     region_parts = [g.region_views for g in good]  # each (R, S, S, 3)
     patch_parts = [g.patches.reshape(-1, *g.patches.shape[2:]) for g in good]  # each (R * P, L, L, 3)
+    device, span = teachers[0].device, None
+    if device.type == "cuda" and all(t.device == device for t in teachers):
+        # the views go to the GPU once for all teachers, staged in pinned memory first, so that
+        # the span timed on the GPU starts with its first copy, not with the host's staging
+        staged = [[pinned(a) for a in parts] for parts in (region_parts, patch_parts)]
+        span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True))
+        span[0].record(torch.cuda.current_stream(device))
+        region_parts, patch_parts = ([a.to(device, non_blocking=True) for a in parts] for parts in staged)
     outputs = {t.name: t.launch_parts(region_parts, patch_parts, features, residual_depth=residual_depth)
                for t in teachers}
-    batch = LaunchedBatch(good, outputs, features, len(good) if num_images is None else num_images, residual_depth)
+    if span is not None:
+        span[1].record(torch.cuda.current_stream(device))
+    batch = LaunchedBatch(good, outputs, features, len(good) if num_images is None else num_images, residual_depth,
+                          device_span=span)
     if not batch.asynchronous:
         batch.ready_at = (time.perf_counter(), time.process_time())
     return batch
@@ -591,6 +641,7 @@ def cache_teachers(
     background = _BackgroundWriter(writer, queue_size=max(4, 2 * batch_size * regions_per_image), log=log,
                                    num_images=n_keys)
     clock = _TimeSplit()
+    device_busy = _DeviceBusy()
     # on a GPU a launch only queues work; elsewhere the forwards run inside it
     launch_key = "launch" if dev.type == "cuda" else "teachers"
     inputs = prepared_images(source, work, settings, num_workers, lookahead=max(2 * batch_size, 4 * num_workers))
@@ -601,6 +652,7 @@ def cache_teachers(
             wall, cpu = done_at or (time.perf_counter(), time.process_time())
             after_first_batch = (wall, bar.count + num_images, cpu)
             clock.reset()  # the split, like the steady rate, leaves start-up out
+            device_busy.reset()
             # Start-up made millions of long-lived objects (torch, the source's key list);
             # every full garbage collection would walk them all, holding the GIL the
             # teachers need (a large share of this process's GIL time in a py-spy profile)
@@ -620,6 +672,7 @@ def cache_teachers(
         nonlocal samples_written, images_cached
         with clock("teachers"):
             samples = batch.samples()  # waits for the device
+        device_busy.add(batch)
         done_at = batch.ready_at or (time.perf_counter(), time.process_time())
         end_shards_before(shard)
         with clock("writer"):
@@ -682,7 +735,9 @@ def cache_teachers(
         log(f"no image was cached: all {len(work)} inputs were skipped ({'; '.join(reasons[:3])}); "
             "check --images (`dad cache-info` lists every skipped input)")
     elif steady is not None:
-        log(f"{steady:.2f} img/s after the first batch; {clock.describe()}")
+        busy = device_busy.fraction()
+        log(f"{steady:.2f} img/s after the first batch; {clock.describe()}"
+            + ("" if busy is None else f"; GPU busy {100 * busy:.0f}% of the time"))
     from dad.cache.info import describe_notes, summed_notes
 
     note_counts = summed_notes(list(background.records.values()))  # of the shards this run wrote
@@ -706,6 +761,8 @@ def cache_teachers(
         # the rate after the first batch: start-up (teacher load, worker processes) left out
         "steady_images_per_second": steady,
         "time_split": split_after_start,
+        # the fraction of that time the GPU worked on the batches (CUDA only; None elsewhere)
+        "gpu_busy": device_busy.fraction(),
         # CPU time of this process (all its threads, the teachers' included) per image after
         # start-up: on a GPU, what competes for the GIL with launching the teachers' kernels
         "main_process_cpu_ms_per_image": main_cpu_ms,

@@ -156,10 +156,12 @@ class Teacher:
         return tuple(self.launch_parts(region_parts, patch_parts, features).arrays())
 
     @torch.no_grad()
-    def launch_parts(self, region_parts: Sequence[np.ndarray], patch_parts: Sequence[np.ndarray], features: bool,
-                     residual_depth: bool = False) -> HostArrays:
+    def launch_parts(self, region_parts: Sequence[np.ndarray | torch.Tensor], patch_parts: Sequence[np.ndarray | torch.Tensor],
+                     features: bool, residual_depth: bool = False) -> HostArrays:
         """``predict_parts`` without waiting for the device: the forwards are queued and their
         outputs start on their way to the host; ``.arrays()`` of the result waits for them.
+        The parts may also be uint8 tensors already on the teacher's device (several teachers
+        share one copy of the views).
         ``residual_depth``: each depth output is two, the int16 residual bits and float32 ranges
         of ``dad.pipeline.depth_levels`` (the cache's encoding but its compression), so
         ``.arrays()`` gives (region residuals, region ranges, patch residuals, patch ranges,
@@ -184,7 +186,7 @@ class Teacher:
             feats = project_tokens(tokens, self._projection, (size_s // p, size_s // p))
         return HostArrays([*region, *patches, feats])
 
-    def _forward(self, *views: np.ndarray, residual_depth: bool = False) -> tuple[torch.Tensor, ...]:
+    def _forward(self, *views: np.ndarray | torch.Tensor, residual_depth: bool = False) -> tuple[torch.Tensor, ...]:
         """One forward over the concatenated view arrays (joined on the device: no host copy):
         ``_teacher_forward``'s outputs."""
         model = self.model

@@ -28,7 +28,9 @@ def pinned(array: np.ndarray | torch.Tensor) -> torch.Tensor:
 def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host array or tensor on ``device``. To a GPU it goes from pinned memory: from pageable
     memory a copy may wait for the GPU's queue to empty, from pinned memory it is queued like a
-    kernel."""
+    kernel. A tensor already on ``device`` is returned as it is."""
+    if isinstance(array, torch.Tensor) and array.device == device:
+        return array
     if device.type == "cuda":
         return pinned(array).to(device, non_blocking=True)
     tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))

@@ -233,6 +233,7 @@ def test_parts_give_the_same_cache(reference, image_dir, teachers, tmp_path):
     assert one["steady_images_per_second"] > 0  # 6 images in batches of 3: a rate after the first batch
     assert set(one["time_split"]) == {"launch", "teachers", "input", "writer"}
     assert sum(one["time_split"].values()) == pytest.approx(1.0, abs=0.01)
+    assert one["gpu_busy"] is None  # timed on CUDA only (tests/test_cuda.py)
     _assert_same(_content(ref), _content(out))
 
 
