@@ -117,6 +117,30 @@ def test_teacher_forwards_replayed_from_cuda_graphs_match_eager_ones(tiny_checkp
         assert graphed._graphs[key].outputs[0].data_ptr() == state  # replayed, not captured again
 
 
+def test_a_stage1_batch_is_queued_without_waiting_and_timed_on_the_gpu(tiny_checkpoint):
+    from dad.pipeline.cache_teachers import launch_batch
+    from dad.pipeline.prepare import PreparedImage
+    from dad.pipeline.teachers import Teacher, parse_teacher_spec
+
+    rng = np.random.default_rng(0)
+    good = [PreparedImage(shard=0, index=i, key=f"img_{i}", region_views=rng.integers(0, 255, (1, 42, 42, 3), dtype=np.uint8),
+                          patches=rng.integers(0, 255, (1, 4, 42, 42, 3), dtype=np.uint8)) for i in range(2)]
+    teachers = [Teacher(parse_teacher_spec(f"{name}={tiny_checkpoint}"), DEVICE) for name in ("a", "b")]
+    regions, patches = np.concatenate([g.region_views for g in good]), np.concatenate([g.patches[0] for g in good])
+    want = {t.name: t.predict(regions, patches, False) for t in teachers}  # (also loads and captures)
+    busy = _busy()
+    with OperatorCalls() as launching:  # two teachers sharing one copy of the views on the device
+        batch = launch_batch(good, teachers, False)
+    assert launching.host_waits == 0, launching.waiting
+    for t in teachers:
+        got = batch.outputs[t.name].arrays()
+        for g, w in zip(got[:2], want[t.name][:2]):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.ptp(w)))
+    seconds = batch.device_seconds()
+    assert (0 < seconds < 5) if DEVICE.type == "cuda" else seconds is None  # the busy work before it left out
+    busy.sum().item()
+
+
 def test_depth_quantized_on_the_gpu_equals_the_numpy_reference():
     from dad.pipeline.depth_levels import depth_residuals
     from tests.cache.helpers import smooth_depth
