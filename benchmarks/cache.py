@@ -144,9 +144,9 @@ def main() -> None:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         cpu = f"{cpu_ms:>11.1f}" if cpu_ms is not None else f"{'-':>11}"
-        cpu += f" {100 * gpu_busy:>8.0f}%" if gpu_busy is not None else f" {'-':>9}"
+        gpu = f"{100 * gpu_busy:>8.0f}%" if gpu_busy is not None else f"{'-':>9}"
         print(f"{'pipeline, ' + label:<38} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate[graphs]:>10.0f}% "
-              f"{bpp:>11.3f} {per_image:>9.3f} {cpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("launch", "teachers", "input", "writer")))
+              f"{bpp:>11.3f} {per_image:>9.3f} {cpu} {gpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("launch", "teachers", "input", "writer")))
     print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady\n"
           " with the forwards alone run the same way (CUDA graphs or eager); CPU ms/img: the main process's CPU time\n"
           " per image after start-up, all its threads, teachers included; GPU busy: the share of that time the\n"
