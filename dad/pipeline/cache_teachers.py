@@ -51,7 +51,7 @@ from dad.pipeline.prepare import PreparedImage, prepared_images
 from dad.pipeline.sources import open_source
 from dad.pipeline.teachers import Teacher, TeacherSpec, parse_teacher_specs
 from dad.utils.parallel import stage1_worker_counts
-from dad.utils.transfer import pinned
+from dad.utils.transfer import pinned, to_device
 from dad.utils.progress import Progress, format_bytes
 
 # Images per work shard. A shard is the unit of resumption and of atomic publication; at the
@@ -519,7 +519,7 @@ def launch_batch(good: list[PreparedImage], teachers: Sequence[Teacher], feature
         staged = [[pinned(a) for a in parts] for parts in (region_parts, patch_parts)]
         span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True))
         span[0].record(torch.cuda.current_stream(device))
-        region_parts, patch_parts = ([a.to(device, non_blocking=True) for a in parts] for parts in staged)
+        region_parts, patch_parts = ([to_device(a, device) for a in parts] for parts in staged)
     outputs = {t.name: t.launch_parts(region_parts, patch_parts, features, residual_depth=residual_depth)
                for t in teachers}
     if span is not None:

@@ -46,6 +46,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def process_cpus() -> int:
+    """This process's share of the job's CPUs: torchrun starts one process per GPU, each seeing
+    every CPU of the node (LOCAL_WORLD_SIZE of them share it)."""
+    return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
+
+
 def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cpus: int | None = None,
                          num_teachers: int = 1) -> tuple[int, int]:
     """Default (image preparation processes, teacher-output encoder threads) for stage 1 on
@@ -58,8 +64,8 @@ def stage1_worker_counts(num_workers: int | None, encode_workers: int | None, cp
     Preparation (decode, crop, PNG-encode the RGB: ~0.15 s of a core per image at 560 px with
     the default png2, ~0.4 s with png) gets the CPUs the encoder threads leave.
     Idle threads and workers cost nothing, so the counts err on the generous side."""
-    if cpus is None:  # torchrun starts one such job per GPU, each seeing every CPU of the node
-        cpus = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    if cpus is None:
+        cpus = process_cpus()
     if encode_workers is None:
         encode_workers = max(2, min(3 * max(1, num_teachers), cpus // 4))
     if num_workers is None:
@@ -75,8 +81,8 @@ def train_worker_count(device_type: str, cpus: int | None = None) -> int:
     can take less than half of that, so 2 workers would leave the GPU waiting for data."""
     if device_type == "cpu":
         return 2
-    if cpus is None:  # torchrun starts one training process per GPU, each seeing every CPU of the node
-        cpus = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    if cpus is None:
+        cpus = process_cpus()
     return min(8, max(2, cpus - 1))
 
 
