@@ -135,9 +135,11 @@ _blosc_lock = threading.Lock()
 def _blosc_compress(arr: np.ndarray) -> bytes:
     """Blosc with one internal thread: c-blosc places blocks in the order its threads finish
     them, so multi-threaded output differs from run to run (same size, other bytes)."""
-    if numcodecs.blosc.use_threads is None and threading.current_thread() is not threading.main_thread():
-        # numcodecs' own choice off the main thread: one blosc thread, the GIL released, no
-        # shared state, so encoder threads compress in parallel
+    switch = numcodecs.blosc.use_threads
+    if switch is False or (switch is None and threading.current_thread() is not threading.main_thread()):
+        # one blosc thread, the GIL released, no shared state, so encoder threads compress in
+        # parallel: numcodecs' own choice off the main thread, and everywhere once zarr is
+        # imported (it sets the switch to False), which a lock here would serialise
         return bytes(_depth_blosc.encode(arr))
     with _blosc_lock:  # numcodecs reads a module-wide switch; other blosc users only lose threads meanwhile
         previous = numcodecs.blosc.use_threads
