@@ -11,9 +11,10 @@ re-run of a finished cache does no teacher work. After its shards each job calls
 
 Three stages overlap: a pool of worker processes reads, decodes, crops and RGB-encodes images
 (``dad.pipeline.prepare``; for a lossy codec the teacher sees the decoded bytes, what the student
-will read) ahead of the teacher forwards in the main thread; a background thread consumes the
-samples through ``writer.write_shard`` (encode depth and features in --encode-workers threads,
-whose codecs release the GIL; write) behind them, fed by a bounded queue. The main thread does
+will read) ahead of the teacher forwards in the main thread; background threads consume the samples
+through ``writer.write_shard`` (encode depth and features in --encode-workers threads, whose
+codecs release the GIL; write) behind them, fed by a bounded queue per shard, one finishing a
+shard while the next shard's samples stream in. The main thread does
 little besides driving the teachers, so on a GPU its GIL is free for launching kernels, and it
 keeps ``BATCHES_AHEAD`` batches' forwards queued beyond the one whose outputs it collects.
 """
@@ -222,11 +223,13 @@ def build_header(keys: Sequence[str], teachers: Sequence[Teacher], *, global_cro
 
 
 # ---------------------------------------------------------------------------------------------
-# writing shards (one background thread)
+# writing shards (background threads)
 
 
 # batches whose forwards are queued ahead of the one whose outputs the host collects
 BATCHES_AHEAD = 2
+# threads writing shards: one finishes a shard while the next one's samples stream in
+WRITER_THREADS = 2
 
 _END, _ABORT = object(), object()
 
@@ -313,8 +316,11 @@ class _DeviceBusy:
 
 
 class _BackgroundWriter:
-    """Runs ``writer.write_shard`` for one shard after another in a thread, each consuming a
-    bounded queue that the main thread fills; errors surface in the main thread."""
+    """Runs ``writer.write_shard`` for the shards in order, each consuming a bounded queue that
+    the main thread fills, in ``WRITER_THREADS`` threads: a shard's samples stream in while the
+    shard before it is still being finished (its files fsynced, ~60 fsyncs for a zarr shard:
+    seconds on a network disk, during which one thread would leave the main thread waiting and
+    the GPU idle). Errors surface in the main thread."""
 
     def __init__(self, writer, queue_size: int, log: Callable[[str], None], num_images: int = 0) -> None:
         self.writer, self.queue_size, self.log = writer, queue_size, log
@@ -322,8 +328,10 @@ class _BackgroundWriter:
         self.records: dict[int, dict] = {}
         self.error: BaseException | None = None
         self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="dad-cache-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"dad-cache-writer-{i}", daemon=True)
+                         for i in range(WRITER_THREADS)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         while True:
@@ -346,7 +354,7 @@ class _BackgroundWriter:
 
     def _projection(self) -> str:
         """'; X written by this job, about Y for all N images': the disk a whole cache will take."""
-        records = [r for r in self.records.values() if isinstance(r, dict) and "bytes" in r]
+        records = [r for r in list(self.records.values()) if isinstance(r, dict) and "bytes" in r]
         written = sum(r["bytes"] for r in records)
         images = sum(r.get("num_images", 0) + len(r.get("skipped", ())) for r in records)
         if not images or not self.num_images:
@@ -367,8 +375,8 @@ class _BackgroundWriter:
     def _check(self) -> None:
         if self.error is not None:
             raise self.error
-        if not self._thread.is_alive():
-            raise RuntimeError("the cache writer thread stopped unexpectedly")
+        if not all(t.is_alive() for t in self._threads):
+            raise RuntimeError("a cache writer thread stopped unexpectedly")
 
     def _put(self, q: queue.Queue, item: Any) -> None:
         while True:
@@ -386,28 +394,32 @@ class _BackgroundWriter:
         self._jobs.put((shard, q, skipped, total))
         return _ShardSink(self, q, skipped)
 
+    def _stop_threads(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:  # ended shards are written out; a second Ctrl-C stops waiting
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+
     def close(self) -> None:
         """Wait for every begun shard to be written."""
-        self._jobs.put(None)
-        while self._thread.is_alive():
-            self._thread.join(timeout=0.5)
+        self._stop_threads()
         if self.error is not None:
             raise self.error
 
-    def abort(self, sink: "_ShardSink | None") -> None:
-        """Stop without publishing the shard in progress (shards already ended still finish)."""
-        if sink is not None:
+    def abort(self, sinks: Iterable["_ShardSink"]) -> None:
+        """Stop without publishing the shards not yet ended (``sinks``); those already ended
+        still finish."""
+        for sink in sinks:
             # the main thread is the queue's only producer: emptied, it has room for the stop
-            # mark, which must not be lost (the writer would wait for more samples for ever)
+            # mark, which must not be lost (a writer would wait for more samples for ever)
             while True:
                 try:
                     sink.queue.get_nowait()
                 except queue.Empty:
                     break
             sink.queue.put_nowait(_ABORT)
-        self._jobs.put(None)
-        while self._thread.is_alive():  # ended shards are written out; a second Ctrl-C stops waiting
-            self._thread.join(timeout=0.5)
+        self._stop_threads()
 
 
 @dataclass
@@ -694,6 +706,7 @@ def cache_teachers(
         # and takes the next prepared images, across shard boundaries too, and a hiccup of the
         # host shorter than those batches' forwards costs the GPU nothing
         in_flight: deque[tuple[int, LaunchedBatch]] = deque()
+        t_last_batch: float | None = None
         for shard, batch in shard_batches():
             if shard not in open_sinks:
                 open_sinks[shard] = background.begin(shard, total_shards)
@@ -712,10 +725,11 @@ def cache_teachers(
                 write(*in_flight.popleft())
         while in_flight:
             write(*in_flight.popleft())
+        t_last_batch = time.perf_counter()
         end_shards_before(None)
         background.close()  # the drain at the end, like start-up, is not part of the split
     except BaseException:
-        background.abort(next(iter(open_sinks.values()), None))  # the one the writer is on (or will be)
+        background.abort(open_sinks.values())  # the shards not yet ended: none of them is published
         raise
     finally:
         inputs.close()  # stops the preparation workers
@@ -760,6 +774,9 @@ def cache_teachers(
         "images_per_second": round(len(work) / seconds, 2) if seconds > 0 else None,
         # the rate after the first batch: start-up (teacher load, worker processes) left out
         "steady_images_per_second": steady,
+        # of that time, the wait for the last shard's encoding and write after the last batch's
+        # forwards: paid once per job, a large share of a short one's steady time
+        "final_write_seconds": round(t_end - t_last_batch, 2) if t_last_batch is not None else None,
         "time_split": split_after_start,
         # the fraction of that time the GPU worked on the batches (CUDA only; None elsewhere)
         "gpu_busy": device_busy.fraction(),

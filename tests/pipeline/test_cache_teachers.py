@@ -548,40 +548,83 @@ def test_an_error_mid_run_publishes_no_partial_shard(image_dir, teachers, tmp_pa
         _run(image_dir, teachers, out, "zarr", batch_size=2)  # shards of 3 images: two batches each
     # shard 0 was complete and stays; nothing of shard 1 is visible; no writer thread is left behind
     assert [p.name for p in (out / "shards").glob("[0-9]*.json")] == ["000000.json"]
-    assert not [t for t in threading.enumerate() if t.name == "dad-cache-writer"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("dad-cache-writer")]
     monkeypatch.setattr(Teacher, "launch_parts", original)
     assert _run(image_dir, teachers, out, "zarr")["finalized"]
 
 
 def test_abort_with_a_full_queue_stops_the_writer_after_the_ended_shards():
-    # the writer is still busy with shard 0 while shard 1's queue is full; then the run fails:
-    # the stop mark must go in at once (not wait for room), shard 0 must still be written,
-    # shard 1 never, and the writer thread must end
-    from dad.pipeline.cache_teachers import _ABORT, _BackgroundWriter
+    # every writer thread is still busy finishing an ended shard while the next shard's queue
+    # is full; then the run fails: the stop mark must go in at once (not wait for room), the
+    # ended shards must still be written, the open one never, and the writer threads must end
+    from dad.pipeline.cache_teachers import _ABORT, WRITER_THREADS, _BackgroundWriter
 
     release = threading.Event()
 
     class SlowWriter:
         def write_shard(self, shard, samples, skipped):
-            if shard == 0:
-                release.wait(30)
-            return {"num_samples": sum(1 for _ in samples)}
+            n = sum(1 for _ in samples)
+            if shard < WRITER_THREADS:
+                release.wait(30)  # finishing the shard (its fsyncs) takes long
+            return {"num_samples": n}
 
     background = _BackgroundWriter(SlowWriter(), queue_size=2, log=lambda line: None)
-    first = background.begin(0, 2)
-    first.put("a")
-    first.end()
-    second = background.begin(1, 2)
-    second.put("b")
-    second.put("c")
-    assert second.queue.full()  # the writer has not started on shard 1
-    stopping = threading.Thread(target=background.abort, args=(second,))
+    for shard in range(WRITER_THREADS):
+        sink = background.begin(shard, WRITER_THREADS + 1)
+        sink.put(f"sample of shard {shard}")
+        sink.end()
+    last = background.begin(WRITER_THREADS, WRITER_THREADS + 1)
+    last.put("b")
+    last.put("c")
+    assert last.queue.full()  # no writer thread is free for the last shard
+    stopping = threading.Thread(target=background.abort, args=([last],))
     stopping.start()
     deadline = time.monotonic() + 10
-    while list(second.queue.queue) != [_ABORT] and time.monotonic() < deadline:
+    while list(last.queue.queue) != [_ABORT] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert list(second.queue.queue) == [_ABORT]  # placed while shard 0 is still being written
+    assert list(last.queue.queue) == [_ABORT]  # placed while the ended shards are still being written
     release.set()
     stopping.join(30)
-    assert not stopping.is_alive() and not background._thread.is_alive()
-    assert background.records == {0: {"num_samples": 1}}
+    assert not stopping.is_alive() and not any(t.is_alive() for t in background._threads)
+    assert background.records == {k: {"num_samples": 1} for k in range(WRITER_THREADS)}
+
+
+def test_the_next_shard_streams_in_while_a_shard_is_finished(tmp_path, monkeypatch):
+    # a real zarr writer whose fsyncs of shard 0 (finishing it) wait until all of shard 1's
+    # samples were taken from the main thread: with one writer thread this never happens
+    # (shard 1's queue stays full), and the main thread, like the GPU, would wait
+    from dad.cache import create_cache_writer
+    from dad.pipeline.cache_teachers import _BackgroundWriter
+    from tests.cache.helpers import make_header, make_sample
+
+    header = make_header(num_images=16, per_shard=8, regions=1)
+    writer = create_cache_writer(tmp_path / "c", "zarr", header, encode_workers=1)
+    shard1_taken, shard0_streamed = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if shard0_streamed.is_set() and not shard1_taken.is_set() and not waited:  # once: fail, not hang
+            waited.append(shard1_taken.wait(10))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    background = _BackgroundWriter(writer, queue_size=2, log=lambda line: None)
+    first = background.begin(0, 2)
+    for i in range(8):
+        first.put(make_sample(i))
+    first.end()
+    while not first.queue.empty():  # the writer has taken all of shard 0's samples
+        time.sleep(0.01)
+    shard0_streamed.set()
+    second = background.begin(1, 2)
+    for i in range(8, 16):  # 8 samples through a queue of 2: a writer thread must take them
+        second.put(make_sample(i))
+    second.end()
+    while not second.queue.empty():
+        time.sleep(0.01)
+    shard1_taken.set()
+    background.close()
+    assert waited and all(waited)  # shard 0's fsyncs waited for shard 1's samples, and got them
+    assert sorted(background.records) == [0, 1]
+    assert writer.finalize()
