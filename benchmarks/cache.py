@@ -1,7 +1,7 @@
 """Stage-1 throughput: the teacher forwards alone versus the whole `dad cache-teachers` pipeline.
 
-    # on a GPU, the issue's setting
-    python benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8
+    # on a GPU, the issue's setting (384 images: zarr and webdataset shards end inside the run)
+    python benchmarks/cache.py --teacher-arch vitl --size 560 --images 384 --batch-size 8
     # CPU smoke run
     python benchmarks/cache.py --teacher-arch vits --size 112 --images 24 --batch-size 4
     # can this machine's CPUs feed a GPU forwarding 36 images/s (an H100 with ViT-L at batch 8)? no GPU needed
@@ -20,10 +20,13 @@ encoders in parallel). The full codec comparison behind the choices is benchmark
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import pickle
 import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,19 +58,16 @@ def main() -> None:
     import torch
 
     from dad.cache import cache_info
-    from dad.data.synthetic import render_scene
     from dad.infer import resolve_device
     from dad.models import build_depth_model, save_depth_model
-    from dad.pipeline.cache_teachers import cache_teachers
     from dad.pipeline.teachers import Teacher, parse_teacher_specs
 
     work = Path(tempfile.mkdtemp(prefix="dad-bench-cache-"))
     images = work / "images"
     images.mkdir()
     side = int(args.size * 1.3)
-    for i in range(args.images):
-        rgb, _ = render_scene(i, side, int(side * 4 / 3))
-        Image.fromarray(rgb).save(images / f"img_{i:04d}.jpg", quality=92)
+    with ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:  # ~0.2 s an image
+        list(pool.map(write_scene, [(i, side, str(images / f"img_{i:04d}.jpg")) for i in range(args.images)], chunksize=4))
     torch.manual_seed(0)
     ckpt = (Path(args.teacher_checkpoint) if args.teacher_checkpoint
             else save_depth_model(build_depth_model(args.teacher_arch), work / "teacher.safetensors"))
@@ -107,25 +107,38 @@ def main() -> None:
         forward_rate[graphs] = done / (time.perf_counter() - start)
         del teacher, in_flight, launched
 
-    # 2. the whole pipeline, per format and RGB codec. Start-up (teacher load, worker processes,
-    # the first CUDA kernels) is paid once per job; 'steady' is the pipeline's own rate after its
-    # first batch, what a long job sees.
+    del views, patches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the pipelines below run in processes of their own
+
+    # 2. the whole pipeline, per format and RGB codec, each in a fresh process, as a job runs:
+    # nothing carries over from one variant to the next (run in one process, the later ones
+    # once ran ~25% slower: the first zarr cache imported zarr, which changed how blosc was
+    # locked). Start-up (teacher load, worker processes, the first CUDA kernels) is paid once
+    # per job; 'steady' is the pipeline's own rate after its first batch, what a long job sees.
     rows, workers = [], None
+    spawn = multiprocessing.get_context("spawn")
     for fmt, codec, patch_rgb, graphs, encode_workers in variants:
         label = (f"{fmt}, {codec}" + ("" if patch_rgb else ", no patch RGB") + ("" if graphs else ", eager")
                  + ("" if encode_workers == args.encode_workers else f", {encode_workers} encoders"))
         out = work / f"cache_{len(rows)}"
+        job = dict(images=str(images), teachers=[f"t={ckpt}"], output=str(out), fmt=fmt,
+                   global_crop_size=args.size, local_crop_size=args.size, min_region=args.size,
+                   batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+                   encode_workers=encode_workers, rgb_codec=codec, patch_rgb=patch_rgb,
+                   cuda_graphs=graphs, show_progress=False)
+        result = work / f"result_{len(rows)}.pkl"
         start = time.perf_counter()
-        with ThreadCPU() as threads:
-            summary = cache_teachers(images=str(images), teachers=[f"t={ckpt}"], output=str(out), fmt=fmt,
-                                     global_crop_size=args.size, local_crop_size=args.size, min_region=args.size,
-                                     batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                                     encode_workers=encode_workers, rgb_codec=codec, patch_rgb=patch_rgb,
-                                     cuda_graphs=graphs, show_progress=False)
-        whole = args.images / (time.perf_counter() - start)
+        process = spawn.Process(target=run_pipeline, args=(job, args.simulate_forward_rate, str(result)))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"benchmarks/cache.py: the pipeline {label} failed (exit {process.exitcode}; its error above)")
+        whole = args.images / (time.perf_counter() - start)  # the process's start-up included, as a job's
+        summary, threads = pickle.loads(result.read_bytes())
         rows.append((label, graphs, whole, summary["steady_images_per_second"] or whole, cache_info(out),
                      summary["time_split"], summary["main_process_cpu_ms_per_image"], summary["gpu_busy"],
-                     threads.per_image(args.images)))
+                     summary["final_write_seconds"], threads))
         if encode_workers == args.encode_workers or workers is None:
             workers = summary["workers"]  # the defaults, which the header line names
 
@@ -137,22 +150,23 @@ def main() -> None:
     print(f"teacher {teacher_name}, {args.size}px region view + 2x2 patches, batch {args.batch_size}, "
           f"{args.images} images, device {name}, {workers['prepare']} image processes, depth/features encoded by {encoders}")
     print(f"{'what':<38} {'images/s':>9} {'steady':>8} {'of forward':>11} {'B/depth px':>11} {'MB/image':>9}"
-          f" {'CPU ms/img':>11} {'GPU busy':>9}   main thread: launch/teachers/input/writer")
+          f" {'CPU ms/img':>11} {'GPU busy':>9} {'end s':>6}   main thread: launch/teachers/input/writer")
     for graphs, rate in forward_rate.items():
         print(f"{'teacher forwards alone' + ('' if graphs else ', eager'):<38} {rate:>9.2f} {rate:>8.2f} {'100%':>11}")
-    for label, graphs, whole, steady, info, split, cpu_ms, gpu_busy, _ in rows:
+    for label, graphs, whole, steady, info, split, cpu_ms, gpu_busy, final_write, _ in rows:
         per_image = info["bytes_total"] / max(1, info["samples"]) / 1e6
         bpp = info.get("depth_bytes_per_pixel") or float("nan")
         cpu = f"{cpu_ms:>11.1f}" if cpu_ms is not None else f"{'-':>11}"
         gpu = f"{100 * gpu_busy:>8.0f}%" if gpu_busy is not None else f"{'-':>9}"
         print(f"{'pipeline, ' + label:<38} {whole:>9.2f} {steady:>8.2f} {100 * steady / forward_rate[graphs]:>10.0f}% "
-              f"{bpp:>11.3f} {per_image:>9.3f} {cpu} {gpu}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("launch", "teachers", "input", "writer")))
+              f"{bpp:>11.3f} {per_image:>9.3f} {cpu} {gpu} {final_write:>6.2f}   " + "/".join(f"{100 * split[k]:.0f}%" for k in ("launch", "teachers", "input", "writer")))
     print("(images/s: the whole run, start-up included; steady: after the first batch; 'of forward' compares steady\n"
           " with the forwards alone run the same way (CUDA graphs or eager); CPU ms/img: the main process's CPU time\n"
           " per image after start-up, all its threads, teachers included; GPU busy: the share of that time the\n"
           " GPU worked on the batches (CUDA events; high with a low 'of forward': forwards slowed in the pipeline,\n"
-          " low: a GPU the host left idle); main thread: its time launching the teachers' forwards / waiting for\n"
-          " their outputs / waiting for prepared images / waiting for the writer)")
+          " low: a GPU the host left idle); end s: of the steady time, the seconds spent finishing the last\n"
+          " shard after the last forwards (once per job); main thread: its time launching the teachers' forwards\n"
+          " / waiting for their outputs / waiting for prepared images / waiting for the writer)")
     print("\nthe main process's CPU ms per image by thread, the whole run (start-up included):")
     for label, *_, threads in rows:
         print(f"  {label:<36} " + ", ".join(f"{name} {ms:.0f}" for name, ms in threads[:8]))
@@ -224,6 +238,28 @@ class ThreadCPU:
             if name != "bench-sampler":
                 total[name] = total.get(name, 0.0) + seconds - self._first.get(tid, 0.0)
         return sorted(((n, 1000 * s / max(1, images)) for n, s in total.items() if s > 0), key=lambda x: -x[1])
+
+
+def write_scene(item: tuple[int, int, str]) -> None:
+    """Synthetic photograph ``i`` of ``side`` x 4/3 ``side`` pixels, saved as a JPEG."""
+    from dad.data.synthetic import render_scene
+
+    i, side, path = item
+    rgb, _ = render_scene(i, side, int(side * 4 / 3))
+    Image.fromarray(rgb).save(path, quality=92)
+
+
+def run_pipeline(job: dict, simulate_forward_rate: float | None, result: str) -> None:
+    """One ``cache_teachers`` job in this (fresh) process; its summary and CPU time by thread
+    go to the pickle file ``result``."""
+    from dad.pipeline.cache_teachers import cache_teachers
+    from dad.pipeline.teachers import Teacher
+
+    if simulate_forward_rate:
+        simulate_teacher(Teacher, simulate_forward_rate)
+    with ThreadCPU() as threads:
+        summary = cache_teachers(**job)
+    Path(result).write_bytes(pickle.dumps((summary, threads.per_image(summary["num_images"]))))
 
 
 def simulate_teacher(teacher_cls, rate: float) -> None:

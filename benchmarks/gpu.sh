@@ -46,7 +46,7 @@ if [[ $which == *" infer "* ]]; then
     part infer "$py" benchmarks/infer.py --arch vitl --input-size 518 --batch-size 4 --iters 20
 fi
 if [[ $which == *" cache "* ]]; then
-    part cache "$py" benchmarks/cache.py --teacher-arch vitl --size 560 --images 128 --batch-size 8
+    part cache "$py" benchmarks/cache.py --teacher-arch vitl --size 560 --images 384 --batch-size 8
 fi
 if [[ $which == *" losses "* ]]; then
     part losses "$py" benchmarks/losses.py
