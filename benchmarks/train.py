@@ -189,8 +189,9 @@ def data_worker_seconds(cfg, batches: int) -> float:
 def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int], list]:
     """Seconds per phase of a cached training step (batch to device, student forward, losses,
     backward, clipping + optimizer), each timed alone with the device synchronised, the mean
-    over ``steps`` steps after one warm-up step; and each phase's operator calls (about one
-    kernel launch each on a GPU) and host waits for the device, counted in the warm-up step. Where to look when a step is
+    over ``steps`` steps after two warm-up steps; and each phase's operator calls (about one
+    kernel launch each on a GPU) and host waits for the device, counted in the second warm-up
+    step (the first makes the optimizer's state: ~3 calls per parameter tensor). Where to look when a step is
     slow: a phase whose time is its launches' (~10 us each on a GPU) is bound by the host. On
     CUDA also the 12 kernels with most time in one more step (torch.profiler): (name, ms, share)."""
     import time
@@ -205,7 +206,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
 
     device = resolve_device(cfg.device)
     source = CachedBatchSource(cfg, 0, 1, 0)
-    source.set_total_steps(steps + 2)
+    source.set_total_steps(steps + 3)
     module = DistillModule(build_depth_model(cfg.student_arch), source.feature_dim if cfg.lambda_feat > 0 else None).to(device)
     optimizer = build_optimizer(module, cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -216,7 +217,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
     def timed(name, fn):
         if counting is None:
             return fn()
-        if not counting:  # the warm-up step: count the operator calls instead
+        if not counting:  # the second warm-up step: count the operator calls instead
             with OperatorCalls() as counter:
                 out = fn()
             calls[name], waits[name] = counter.calls, counter.host_waits
@@ -230,8 +231,8 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
 
     profiler = None
     for i, batch in enumerate(source):
-        counting = i > 0
-        if i > steps:  # one more step, untimed: on CUDA under the profiler
+        counting = None if i == 0 else i > 1  # warm-up, then counted, then timed
+        if i > steps + 1:  # one more step, untimed: on CUDA under the profiler
             if device.type != "cuda":
                 break
             counting = None
