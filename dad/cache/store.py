@@ -231,8 +231,6 @@ class CacheWriter:
                 stored = write_zarr_shard(tmp, encoded(), self.geometry)
                 kinds = {f"{payload_name(k, 'zarr')}/{rel}": kind_of(rel) for rel in stored["files"]}
                 files = {f"{payload_name(k, 'zarr')}/{rel}": v for rel, v in stored["files"].items()}
-                for d, _, _ in os.walk(tmp, topdown=False):  # new directory entries reach the disk too
-                    fsync_dir(Path(d))
             else:
                 stored = write_tar_shard(tmp, encoded(), self.geometry)
                 files = {payload_name(k, "webdataset"): stored["files"][tmp.name]}

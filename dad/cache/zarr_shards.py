@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ import google_crc32c
 import numpy as np
 
 from dad.cache import codecs
-from dad.cache.layout import ReadOnlyFile, write_file
+from dad.cache.layout import ReadOnlyFile, fsync_tree, write_file
 from dad.cache.sample_codec import EncodedSample, Geometry, decode_parts
 from dad.cache.schema import CacheSample, format_version
 from dad.errors import CacheError
@@ -98,12 +97,11 @@ class _AppendedShard:
         self.offset += len(chunk)
 
     def close(self) -> tuple[int, str]:
+        """Ends the file (not fsynced: ``write_zarr_shard`` syncs its whole tree at once)."""
         index = np.asarray(self.index, dtype="<u8").tobytes()
         tail = index + struct.pack("<I", google_crc32c.value(index))
         self.file.write(tail)
         self.hash.update(tail)
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
         return self.offset + len(tail), self.hash.hexdigest()
 
@@ -153,7 +151,8 @@ def _metadata_documents(geo: Geometry, n: int, attributes: dict[str, Any]) -> di
 
 def write_zarr_shard(folder: Path, samples: Iterable[EncodedSample], geo: Geometry) -> dict[str, Any]:
     """Stream ``samples`` into a new zarr group at ``folder`` (a temporary name). Returns
-    {"metas": [...], "files": {relative path: {"bytes", "sha256"}}}; every file is fsynced."""
+    {"metas": [...], "files": {relative path: {"bytes", "sha256"}}}; every file and folder is
+    fsynced, all at the end and in parallel (``fsync_tree``)."""
     folder.mkdir(parents=True)
     arrays = _sharded_arrays(geo)
     shards: dict[str, _AppendedShard] = {}  # opened at the first sample: none for an empty shard
@@ -200,7 +199,7 @@ def write_zarr_shard(folder: Path, samples: Iterable[EncodedSample], geo: Geomet
             small[f"teachers/{t}/depth_patches_range"] = np.asarray(patch_ranges[t], "<f4").reshape(n, geo.num_patches, 2)
         for name, arr in small.items():  # one uncompressed chunk: the raw little-endian values
             rel = _chunk_file(name, arr.ndim)
-            size, sha = write_file(folder / rel, np.ascontiguousarray(arr).tobytes())
+            size, sha = write_file(folder / rel, np.ascontiguousarray(arr).tobytes(), sync=False)
             files[rel] = {"bytes": size, "sha256": sha}
     attributes = {"dad": {
         "format_version": format_version(geo.patch_rgb), "num_samples": n,
@@ -211,8 +210,9 @@ def write_zarr_shard(folder: Path, samples: Iterable[EncodedSample], geo: Geomet
                            "from the *_range array" % codecs.DEPTH_LEVELS),
     }}
     for rel, data in _metadata_documents(geo, n, attributes).items():
-        size, sha = write_file(folder / rel, data)
+        size, sha = write_file(folder / rel, data, sync=False)
         files[rel] = {"bytes": size, "sha256": sha}
+    fsync_tree(folder)
     return {"metas": metas, "files": files}
 
 

@@ -542,3 +542,34 @@ def test_a_pickled_cache_keeps_its_shards_while_more_land(tmp_path):
     writer.write_shard(1, shard_samples(header, 1), shard_skipped(header, 1))
     in_worker = pickle.loads(shipped)
     assert [s.key for s in in_worker] == keys and len(open_cache(tmp_path / "c")) > len(keys)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_file_and_folder_of_a_shard_is_fsynced_before_it_is_published(tmp_path, monkeypatch, fmt):
+    # a shard becomes visible by a rename: everything below its temporary name must be on the
+    # disk by then (zarr's ~60 files and folders are synced in parallel threads, all at the end)
+    from dad.cache.layout import payload_name
+
+    synced: set[str] = set()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+
+    published: dict[str, set[str]] = {}
+
+    def replace(src, dst):
+        src = Path(os.path.realpath(src))
+        if Path(dst).name in names:  # a shard's payload published
+            below = {str(src)} | {str(p) for p in src.rglob("*")} if src.is_dir() else {str(src)}
+            published[str(dst)] = below - synced
+        real_replace(src, dst)
+
+    header = make_header()
+    names = {payload_name(k, fmt) for k in range(header["num_shards"])}
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_cache(tmp_path / "c", fmt, header)
+    assert len(published) == header["num_shards"]
+    assert all(not missing for missing in published.values()), published
