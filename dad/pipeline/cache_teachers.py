@@ -318,9 +318,9 @@ class _DeviceBusy:
 class _BackgroundWriter:
     """Runs ``writer.write_shard`` for the shards in order, each consuming a bounded queue that
     the main thread fills, in ``WRITER_THREADS`` threads: a shard's samples stream in while the
-    shard before it is still being finished (its files fsynced, ~60 fsyncs for a zarr shard:
-    seconds on a network disk, during which one thread would leave the main thread waiting and
-    the GPU idle). Errors surface in the main thread."""
+    shard before it is still being finished (its files fsynced: ~60 for a zarr shard, each a
+    round trip on a network file system, while one thread would leave the main thread waiting
+    and the GPU idle). Errors surface in the main thread."""
 
     def __init__(self, writer, queue_size: int, log: Callable[[str], None], num_images: int = 0) -> None:
         self.writer, self.queue_size, self.log = writer, queue_size, log
@@ -706,7 +706,6 @@ def cache_teachers(
         # and takes the next prepared images, across shard boundaries too, and a hiccup of the
         # host shorter than those batches' forwards costs the GPU nothing
         in_flight: deque[tuple[int, LaunchedBatch]] = deque()
-        t_last_batch: float | None = None
         for shard, batch in shard_batches():
             if shard not in open_sinks:
                 open_sinks[shard] = background.begin(shard, total_shards)
@@ -776,7 +775,7 @@ def cache_teachers(
         "steady_images_per_second": steady,
         # of that time, the wait for the last shard's encoding and write after the last batch's
         # forwards: paid once per job, a large share of a short one's steady time
-        "final_write_seconds": round(t_end - t_last_batch, 2) if t_last_batch is not None else None,
+        "final_write_seconds": round(t_end - t_last_batch, 2),
         "time_split": split_after_start,
         # the fraction of that time the GPU worked on the batches (CUDA only; None elsewhere)
         "gpu_busy": device_busy.fraction(),
