@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-workers", type=int, default=None, help="image processes (default: the pipeline's)")
-    ap.add_argument("--variants", default="zarr/png2,zarr/png2/enc2,zarr/png2/eager,webdataset/png2,zarr/png2/no-patch-rgb,zarr/jpeg95",
+    ap.add_argument("--variants", default="zarr/png2,webdataset/png2,zarr/png2/enc2,zarr/png2/no-patch-rgb",
                     help="FORMAT/RGB-CODEC[/no-patch-rgb][/eager][/encN] to run the pipeline with (eager: "
                          "--no-cuda-graphs; encN: N encoder threads instead of --encode-workers)")
     ap.add_argument("--encode-workers", type=int, default=None, help="encoder threads (default: the pipeline's)")
