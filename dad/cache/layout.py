@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,9 @@ def fsync_tree(root: Path, threads: int = 16) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part (temporary name, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    """Readers see the old file or the new one, never a part (temporary name, fsync, rename).
+    The temporary name is the writing thread's own (stage 1 writes shards in two threads)."""
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
     try:
         write_file(tmp, data)
         os.replace(tmp, path)

@@ -144,6 +144,7 @@ class CacheWriter:
         # PNG, blosc, zstd, numpy; threads need no pickling); 1 encodes in the calling thread
         self.encode_workers = _default_encode_workers() if encode_workers is None else max(1, int(encode_workers))
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._base = {"format_name": FORMAT_NAME, "format_version": format_version(self.geometry.patch_rgb), "format": fmt,
                       "header": self.header, "encoding": normalise(codecs.encoding_description(self.geometry.rgb_codec))}
         if self.root.exists() and not self.root.is_dir():
@@ -166,10 +167,11 @@ class CacheWriter:
     def _encoder_pool(self) -> ThreadPoolExecutor | None:
         if self.encode_workers <= 1:
             return None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.encode_workers, thread_name_prefix="dad-encode")
-            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
-        return self._pool
+        with self._pool_lock:  # shards may be written from several threads (stage 1: two)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.encode_workers, thread_name_prefix="dad-encode")
+                weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+            return self._pool
 
     def close(self) -> None:
         """Stop the encoder threads (also done at exit); the writer can still be used after."""

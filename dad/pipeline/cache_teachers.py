@@ -732,6 +732,7 @@ def cache_teachers(
         raise
     finally:
         inputs.close()  # stops the preparation workers
+        writer.close()  # and the encoder threads (the writer threads have ended)
         gc.unfreeze()  # frozen after the first batch; a caller going on needs them collectable
         bar.close()
 
