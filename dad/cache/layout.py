@@ -140,10 +140,15 @@ def fsync_tree(root: Path, threads: int = 16) -> None:
         list(pool.map(_fsync_path, paths))
 
 
+def _temporary_sibling(path: Path) -> Path:
+    """A hidden name beside ``path``, this host's, process's and thread's own (stage 1 writes
+    shards in two threads)."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part (temporary name, fsync, rename).
-    The temporary name is the writing thread's own (stage 1 writes shards in two threads)."""
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+    """Readers see the old file or the new one, never a part (temporary name, fsync, rename)."""
+    tmp = _temporary_sibling(path)
     try:
         write_file(tmp, data)
         os.replace(tmp, path)
@@ -158,7 +163,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     and of racing creators exactly one wins. Returns whether this call created it. (A hard link
     of a fully written temporary file; where the file system has none, a plain atomic write
     once the file is seen missing.)"""
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = _temporary_sibling(path)
     try:
         write_file(tmp, data)
         try:

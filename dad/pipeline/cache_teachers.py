@@ -744,14 +744,14 @@ def cache_teachers(
         steady = round((len(work) - after_first_batch[1]) / (t_end - after_first_batch[0]), 2)
         main_cpu_ms = round(1000 * (time.process_time() - after_first_batch[2]) / (len(work) - after_first_batch[1]), 1)
     split_after_start = clock.fractions()
+    gpu_busy = device_busy.fraction()
     if work and not images_cached:
         reasons = sorted({s.reason.split(": ", 1)[-1].split(" (")[0] for s in skipped_all})
         log(f"no image was cached: all {len(work)} inputs were skipped ({'; '.join(reasons[:3])}); "
             "check --images (`dad cache-info` lists every skipped input)")
     elif steady is not None:
-        busy = device_busy.fraction()
         log(f"{steady:.2f} img/s after the first batch; {clock.describe()}"
-            + ("" if busy is None else f"; GPU busy {100 * busy:.0f}% of the time"))
+            + ("" if gpu_busy is None else f"; GPU busy {100 * gpu_busy:.0f}% of the time"))
     from dad.cache.info import describe_notes, summed_notes
 
     note_counts = summed_notes(list(background.records.values()))  # of the shards this run wrote
@@ -779,7 +779,7 @@ def cache_teachers(
         "final_write_seconds": round(t_end - t_last_batch, 2),
         "time_split": split_after_start,
         # the fraction of that time the GPU worked on the batches (CUDA only; None elsewhere)
-        "gpu_busy": device_busy.fraction(),
+        "gpu_busy": gpu_busy,
         # CPU time of this process (all its threads, the teachers' included) per image after
         # start-up: on a GPU, what competes for the GIL with launching the teachers' kernels
         "main_process_cpu_ms_per_image": main_cpu_ms,
