@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--compile", action="store_true", help="both runs with --compile (torch.compile the student and losses)")
+    ap.add_argument("--no-breakdown", action="store_true",
+                    help="leave out the phases of an eager cached step and the data worker's time (printed last)")
+    ap.add_argument("--compile-mode", default="default",
+                    help="with --compile: torch.compile's mode (reduce-overhead: the step's kernels replayed from CUDA graphs)")
     args = ap.parse_args()
     local = args.local or args.size
 
@@ -52,6 +56,7 @@ def main() -> None:
     from dad.pipeline.cache_teachers import cache_teachers
     from dad.train.config import TrainConfig
     from dad.train.loop import train
+    from torch._dynamo.utils import counters  # inductor counts here the graphs it could not record into CUDA graphs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dad-bench-train-"))
     images = work / "images"
@@ -71,19 +76,22 @@ def main() -> None:
                        batch_size=args.batch_size, **grid)
 
     cache_steps = args.cache_steps or max(args.steps, 6 * args.num_workers * 4 + 60)
-    results = {}
+    results, skipped = {}, {}
     for mode, steps in (("cache", cache_steps), ("online", args.steps)):
         out = work / f"run_{mode}"
         shutil.rmtree(out, ignore_errors=True)
         every = max(1, steps // 10)  # a log line waits for the device: every step's would undo what the loop overlaps
         common = dict(output_dir=str(out), student_arch=args.student_arch, batch_size=args.batch_size,
                       num_iterations=steps, log_interval=every, checkpoint_interval=10**9, device=args.device,
-                      num_workers=args.num_workers, seed=0, compile=args.compile)
+                      num_workers=args.num_workers, seed=0, compile=args.compile,
+                      compile_mode=args.compile_mode if args.compile else "default")
         if mode == "cache":
             cfg = TrainConfig(cache=[str(cache)], **common)
         else:
             cfg = TrainConfig(online=True, teachers=[f"teacher={teacher}"], images=str(images), **common, **grid)
+        skips = counters["inductor"]["cudagraph_skips"]
         train(cfg.validate())
+        skipped[mode] = counters["inductor"]["cudagraph_skips"] - skips
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples_per_s"' in line]
         shutil.rmtree(out, ignore_errors=True)  # checkpoints and optimizer state: gigabytes at these sizes
         # the later windows (start-up and the loader's prefetched batches left out), as totals:
@@ -109,8 +117,16 @@ def main() -> None:
     print(f"(cached step {1000 * cached_step:.1f} ms + that forward) / cached step = "
           f"{(cached_step + forward) / cached_step:.2f}x: the speed-up against an online implementation costing nothing more")
     if args.compile:
-        print("(both with --compile; its compilation falls in the first third of the steps, left out)")
+        print(f"(both with --compile --compile-mode {args.compile_mode}; its compilation falls in the first third of the "
+              f"steps, left out)")
+        if args.compile_mode in ("reduce-overhead", "max-autotune") and dev != "cpu":
+            print("compiled graphs left out of CUDA graphs (the reasons are logged above): "
+                  + ", ".join(f"{mode} {n}" for mode, n in skipped.items()))
     print("(rates over the last two thirds of each run's steps, as total steps / total time)")
+    if args.no_breakdown:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     print()
     cfg = TrainConfig(cache=[str(cache)], output_dir=str(work / "run_breakdown"), student_arch=args.student_arch,
                       batch_size=args.batch_size, num_workers=0, device=args.device, seed=0).validate()

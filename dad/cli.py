@@ -12,6 +12,7 @@ import click
 
 from dad import __version__
 from dad.errors import DadError
+from dad.train.config import COMPILE_MODES
 
 
 def handle_errors(fn=None, *, on_interrupt: str = ""):
@@ -179,6 +180,9 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="bf16 autocast on GPU [bf16].")
 @click.option("--compile", "compile", is_flag=True,
               help="torch.compile the student and the losses: faster steps on a GPU after a minute or two of compiling.")
+@click.option("--compile-mode", "--compile_mode", "compile_mode",
+              type=click.Choice(COMPILE_MODES),
+              help="torch.compile mode of --compile; reduce-overhead replays each step's kernels from CUDA graphs [default].")
 @click.option("--resume", is_flag=True, help="Continue from the training state in --output-dir.")
 @click.option("--online", is_flag=True, help="Baseline: run the teachers live instead of reading a cache.")
 @click.option("--teacher", "teachers", multiple=True, help="--online: teacher [NAME=]CKPT (repeatable).")

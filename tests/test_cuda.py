@@ -206,3 +206,25 @@ def test_train_and_infer_on_cuda(cuda_cache, images, tmp_path):
         # which is most of the range for a student this short-trained, whose output is nearly flat
         tolerance = 0.02 * float(np.ptp(one)) + 2.0**-6 * float(np.abs(one).max())
         assert np.abs(batched - one).max() <= tolerance, path.name
+
+
+def test_training_replayed_from_cuda_graphs_matches_eager(cuda_cache, tmp_path):
+    """--compile --compile-mode reduce-overhead: the student's and the losses' compiled kernels
+    replayed from CUDA graphs, step after step, train as eager does (fp32, so that the two differ
+    by float rounding only)."""
+    import json
+
+    from dad.train.config import TrainConfig
+    from dad.train.loop import train
+
+    logs = {}
+    for mode in (None, "reduce-overhead"):
+        out = tmp_path / str(mode)
+        train(TrainConfig(cache=[str(cuda_cache)], output_dir=str(out), student_arch=str(TINY_JSON), batch_size=2,
+                          num_iterations=5, checkpoint_interval=5, log_interval=1, num_workers=1, device=DEVICE.type,
+                          precision="fp32", compile=mode is not None, compile_mode=mode or "default").validate())
+        logs[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs[None]) == len(logs["reduce-overhead"]) == 5
+    for a, b in zip(logs[None], logs["reduce-overhead"]):
+        for term in ("loss_sc", "loss_lg", "loss_feat", "loss_grad", "total"):
+            assert abs(a[term] - b[term]) <= 1e-3 * max(1.0, abs(a[term])), (a["step"], term, a[term], b[term])

@@ -17,6 +17,11 @@ from typing import Any
 from dad.errors import ConfigError
 
 NORMALIZATIONS = ("global", "hybrid", "local", "none")
+# torch.compile's modes (--compile-mode): "reduce-overhead" records the compiled kernels of a step
+# into CUDA graphs and replays them, one launch instead of hundreds (GPUs only; elsewhere the same
+# as "default"); "max-autotune" also benchmarks kernel variants while compiling (minutes longer)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # options only a --config file sets (dad train has no flag for them): errors name the file's key
 CONFIG_FILE_ONLY = ("feature_alpha", "flip_prob", "color_jitter", "max_nonfinite_steps")
 
@@ -64,6 +69,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "bf16"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
     resume: bool = False
     max_nonfinite_steps: int = 5
     # online baseline (teachers run live; no cache)
@@ -118,6 +124,17 @@ class TrainConfig:
                 bad(name.replace("_", "-"), "must be >= 0")
         if self.precision not in ("bf16", "fp32"):
             bad("precision", "must be bf16 or fp32")
+        if self.compile_mode not in COMPILE_MODES:
+            bad("compile-mode", f"must be one of {', '.join(COMPILE_MODES)}")
+        if self.compile_mode != "default" and not self.compile:
+            bad("compile-mode", f"{self.compile_mode} is a mode of --compile: add --compile")
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            # torch's CUDA graphs hand a micro-batch's gradients to .grad in memory the next
+            # micro-batch's replay overwrites (pytorch/pytorch#169545): wrong sums, or an error
+            bad("compile-mode", f"{self.compile_mode} replays CUDA graphs, which cannot accumulate gradients over "
+                                f"micro-batches (--grad-accum {self.grad_accum}): use --compile-mode "
+                                f"{'max-autotune-no-cudagraphs' if 'autotune' in self.compile_mode else 'default'} "
+                                f"or --grad-accum 1 with a larger --batch-size")
         if any(p < 0 for p in self.teacher_probs.values()) or (self.teacher_probs and sum(self.teacher_probs.values()) <= 0):
             bad("teacher-probs", "probabilities must be >= 0 and not all 0, e.g. large=0.7,base=0.3")
         if self.init_encoder_only and not self.student_init:

@@ -92,10 +92,11 @@ def compute_losses(depth: torch.Tensor, tokens: torch.Tensor | None, batch: dict
 
 
 @functools.cache
-def compiled_losses():
-    """``compute_losses`` through torch.compile (``--compile``): its many small elementwise ops
-    fused into a few kernels. Compiled once per process, at the first step."""
-    return torch.compile(compute_losses, dynamic=False)
+def compiled_losses(mode: str = "default"):
+    """``compute_losses`` through torch.compile (``--compile``, ``--compile-mode``): its many
+    small elementwise ops fused into a few kernels. Compiled once per process and mode, at the
+    first step."""
+    return torch.compile(compute_losses, dynamic=False, mode=mode)
 
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -272,10 +273,14 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
         x = student_input(batch["rgb"], batch["jitter"] if cfg.color_jitter > 0 else None)
         sync = i == len(micro_batches) - 1 or not isinstance(module, nn.parallel.DistributedDataParallel)
         ctx = module.no_sync() if not sync else contextlib.nullcontext()
+        if cfg.compile:
+            # a new forward and backward: CUDA graphs (--compile-mode reduce-overhead) may reuse
+            # the memory of the last micro-batch's outputs, which are all consumed by now
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             with autocast_for(device, cfg.precision):
                 depth, tokens = module(x)
-            terms = (compiled_losses() if cfg.compile else compute_losses)(depth, tokens, batch, cfg)
+            terms = (compiled_losses(cfg.compile_mode) if cfg.compile else compute_losses)(depth, tokens, batch, cfg)
             (terms["total"] / len(micro_batches)).backward()  # a non-finite loss only spoils grads we drop
         sums += torch.stack([terms[k].detach().float() for k in keys]) / len(micro_batches)
     if cfg.max_grad_norm > 0:
@@ -471,7 +476,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         module.projection.load_state_dict(state["projection"])
     module.train()
     if cfg.compile:  # in place, so state_dict keys and module.student stay as they are
-        module.compile(dynamic=False)
+        module.compile(dynamic=False, mode=cfg.compile_mode)
     optimizer = build_optimizer(module, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
     if state:

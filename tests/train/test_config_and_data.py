@@ -31,6 +31,20 @@ def test_invalid_values_name_the_flag(kw, flag):
         build_config({}, _base(**kw))
 
 
+def test_compile_modes_and_what_they_exclude():
+    assert build_config({}, _base(compile=True, compile_mode="reduce-overhead")).compile_mode == "reduce-overhead"
+    assert build_config({}, _base(compile=True, grad_accum=2)).grad_accum == 2  # no CUDA graphs: accumulates
+    with pytest.raises(ConfigError, match="^--compile-mode: must be one of default, reduce-overhead, "):
+        build_config({}, _base(compile=True, compile_mode="fast"))
+    with pytest.raises(ConfigError, match="^--compile-mode: reduce-overhead is a mode of --compile: add --compile$"):
+        build_config({}, _base(compile_mode="reduce-overhead"))
+    # CUDA graphs overwrite one micro-batch's gradients with the next one's: refused, with the ways out
+    with pytest.raises(ConfigError, match=r"--grad-accum 2\): use --compile-mode default or --grad-accum 1"):
+        build_config({}, _base(compile=True, compile_mode="reduce-overhead", grad_accum=2))
+    with pytest.raises(ConfigError, match="use --compile-mode max-autotune-no-cudagraphs or --grad-accum 1"):
+        build_config({}, _base(compile=True, compile_mode="max-autotune", grad_accum=4))
+
+
 @pytest.mark.parametrize("kw", [{"flip_prob": 2.0}, {"color_jitter": 1.0}, {"feature_alpha": 1.5}, {"max_nonfinite_steps": 0}])
 def test_invalid_file_only_values_name_the_files_key(kw):
     (key,) = kw
