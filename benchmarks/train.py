@@ -130,7 +130,7 @@ def main() -> None:
     print()
     cfg = TrainConfig(cache=[str(cache)], output_dir=str(work / "run_breakdown"), student_arch=args.student_arch,
                       batch_size=args.batch_size, num_workers=0, device=args.device, seed=0).validate()
-    phases, calls, waits, kernels = step_breakdown(cfg, steps=max(3, args.steps // 4))
+    phases, calls, waits, kernels, phase_kernels = step_breakdown(cfg, steps=max(3, args.steps // 4))
     total = sum(phases.values())
     print("a cached step, each phase timed alone (device synchronised around it), eager:")
     print("  " + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in phases.items())
@@ -140,6 +140,10 @@ def main() -> None:
     print("  host waits for the device (.item(), boolean masks, copies to the host, ...): "
           + (", ".join(f"{k} {n}" for k, n in waits.items() if n) or "none")
           + " (dad train reads each step's results one step later, with the next step queued)")
+    if phase_kernels:
+        # a phase whose kernels fill little of its time waits for the host to launch them
+        print("  kernel time of each phase (one more step, profiled), and its share of the phase's time above: "
+              + ", ".join(f"{k} {ms:.1f} ms ({100 * ms / (1000 * phases[k]):.0f}%)" for k, ms in phase_kernels.items() if phases[k] > 0))
     if kernels:
         print("  the GPU kernels taking most of a step (all phases; kernel time per step, share of the step's kernel time):")
         for name, ms, share in kernels:
@@ -202,14 +206,16 @@ def data_worker_seconds(cfg, batches: int) -> float:
         torch.set_num_threads(threads)
 
 
-def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int], list]:
+def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int], list, dict[str, float]]:
     """Seconds per phase of a cached training step (batch to device, student forward, losses,
     backward, clipping + optimizer), each timed alone with the device synchronised, the mean
     over ``steps`` steps after two warm-up steps; and each phase's operator calls (about one
     kernel launch each on a GPU) and host waits for the device, counted in the second warm-up
     step (the first makes the optimizer's state: ~3 calls per parameter tensor). Where to look when a step is
     slow: a phase whose time is its launches' (~10 us each on a GPU) is bound by the host. On
-    CUDA also the 12 kernels with most time in one more step (torch.profiler): (name, ms, share)."""
+    CUDA also, from one more step with each phase under torch.profiler, the 12 kernels with most
+    time, (name, ms, share), and each phase's kernel milliseconds: a phase whose kernels fill
+    little of its time is waiting for the host to launch them."""
     import time
 
     from dad.infer import autocast_for, resolve_device
@@ -231,6 +237,15 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
     waits = dict.fromkeys(phases, 0)
 
     def timed(name, fn):
+        if profiling:  # one phase under the profiler: its kernels' time, by kernel and in all
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+                out = fn()
+                sync()
+            for event in profiler.key_averages():
+                if event.device_type == torch.autograd.DeviceType.CUDA:
+                    kernel_ms[event.key] = kernel_ms.get(event.key, 0.0) + event.self_device_time_total / 1000
+                    phase_kernel_ms[name] += event.self_device_time_total / 1000
+            return out
         if counting is None:
             return fn()
         if not counting:  # the second warm-up step: count the operator calls instead
@@ -245,15 +260,15 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
         phases[name] += time.perf_counter() - start
         return out
 
-    profiler = None
+    kernel_ms: dict[str, float] = {}
+    phase_kernel_ms = dict.fromkeys(phases, 0.0)
+    profiling = False
     for i, batch in enumerate(source):
         counting = None if i == 0 else i > 1  # warm-up, then counted, then timed
-        if i > steps + 1:  # one more step, untimed: on CUDA under the profiler
+        if i > steps + 1:  # one more step, untimed: on CUDA each phase under the profiler
             if device.type != "cuda":
                 break
-            counting = None
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-            profiler.__enter__()
+            profiling = True
         if device.type == "cuda":  # pinned, as the DataLoader's pin_memory thread hands batches over
             batch = {k: pinned(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch = timed("to device", lambda: move_batch(batch, device))
@@ -272,17 +287,9 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
             optimizer.zero_grad(set_to_none=True)
 
         timed("optimizer", update)
-    kernels = []
-    if profiler is not None:
-        sync()
-        profiler.__exit__(None, None, None)
-        times = {}
-        for event in profiler.key_averages():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                times[event.key] = times.get(event.key, 0.0) + event.self_device_time_total / 1000
-        total = sum(times.values()) or 1.0
-        kernels = [(name[:110], ms, ms / total) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:12]]
-    return {k: v / steps for k, v in phases.items()}, calls, waits, kernels
+    total = sum(kernel_ms.values()) or 1.0
+    kernels = [(name[:110], ms, ms / total) for name, ms in sorted(kernel_ms.items(), key=lambda kv: -kv[1])[:12]]
+    return {k: v / steps for k, v in phases.items()}, calls, waits, kernels, (phase_kernel_ms if profiling else {})
 
 
 if __name__ == "__main__":
