@@ -43,11 +43,13 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--compile", action="store_true", help="both runs with --compile (torch.compile the student and losses)")
+    ap.add_argument("--compile", action="store_true",
+                    help="the runs with --compile (torch.compile the student and losses) instead of eager")
     ap.add_argument("--no-breakdown", action="store_true",
                     help="leave out the phases of an eager cached step and the data worker's time (printed last)")
     ap.add_argument("--compile-mode", default="default",
-                    help="with --compile: torch.compile's mode (reduce-overhead: the step's kernels replayed from CUDA graphs)")
+                    help="with --compile: torch.compile's mode (reduce-overhead: the step's kernels replayed from CUDA "
+                         "graphs); several, comma-separated, run one after the other, e.g. default,reduce-overhead")
     args = ap.parse_args()
     local = args.local or args.size
 
@@ -76,52 +78,66 @@ def main() -> None:
                        batch_size=args.batch_size, **grid)
 
     cache_steps = args.cache_steps or max(args.steps, 6 * args.num_workers * 4 + 60)
+    # compile modes side by side, each over the cache and online; None: eager
+    modes = [m.strip() for m in args.compile_mode.split(",")] if args.compile else [None]
     results, skipped = {}, {}
-    for mode, steps in (("cache", cache_steps), ("online", args.steps)):
-        out = work / f"run_{mode}"
-        shutil.rmtree(out, ignore_errors=True)
-        every = max(1, steps // 10)  # a log line waits for the device: every step's would undo what the loop overlaps
-        common = dict(output_dir=str(out), student_arch=args.student_arch, batch_size=args.batch_size,
-                      num_iterations=steps, log_interval=every, checkpoint_interval=10**9, device=args.device,
-                      num_workers=args.num_workers, seed=0, compile=args.compile,
-                      compile_mode=args.compile_mode if args.compile else "default")
-        if mode == "cache":
-            cfg = TrainConfig(cache=[str(cache)], **common)
-        else:
-            cfg = TrainConfig(online=True, teachers=[f"teacher={teacher}"], images=str(images), **common, **grid)
-        skips = counters["inductor"]["cudagraph_skips"]
-        train(cfg.validate())
-        skipped[mode] = counters["inductor"]["cudagraph_skips"] - skips
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples_per_s"' in line]
-        shutil.rmtree(out, ignore_errors=True)  # checkpoints and optimizer state: gigabytes at these sizes
-        # the later windows (start-up and the loader's prefetched batches left out), as totals:
-        # time = samples / rate per window, not a mean of rates
-        warm = [r for r in records if r["step"] > steps // 3] or records
-        prev = {r["step"]: p["step"] for p, r in zip([{"step": 0}] + records, records)}
-        samples = [(r["step"] - prev[r["step"]]) * args.batch_size for r in warm]
-        seconds = [n / r["samples_per_s"] for n, r in zip(samples, warm)]
-        waited = sum(r["data_wait_frac"] * t for r, t in zip(warm, seconds))
-        results[mode] = (sum(samples) / args.batch_size / sum(seconds), waited / sum(seconds), steps)
+    for compile_mode in modes:
+        for source, steps in (("cache", cache_steps), ("online", args.steps)):
+            out = work / f"run_{source}"
+            shutil.rmtree(out, ignore_errors=True)
+            every = max(1, steps // 10)  # a log line waits for the device: every step's would undo what the loop overlaps
+            common = dict(output_dir=str(out), student_arch=args.student_arch, batch_size=args.batch_size,
+                          num_iterations=steps, log_interval=every, checkpoint_interval=10**9, device=args.device,
+                          num_workers=args.num_workers, seed=0, compile=compile_mode is not None,
+                          compile_mode=compile_mode or "default")
+            if source == "cache":
+                cfg = TrainConfig(cache=[str(cache)], **common)
+            else:
+                cfg = TrainConfig(online=True, teachers=[f"teacher={teacher}"], images=str(images), **common, **grid)
+            skips = counters["inductor"]["cudagraph_skips"]
+            train(cfg.validate())
+            skipped[compile_mode, source] = counters["inductor"]["cudagraph_skips"] - skips
+            if compile_mode is not None:
+                torch._dynamo.reset()  # the run's compiled code and CUDA graphs (their memory pool) go
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples_per_s"' in line]
+            shutil.rmtree(out, ignore_errors=True)  # checkpoints and optimizer state: gigabytes at these sizes
+            # the later windows (start-up, compilation and the loader's prefetched batches left
+            # out), as totals: time = samples / rate per window, not a mean of rates
+            warm = [r for r in records if r["step"] > steps // 3] or records
+            prev = {r["step"]: p["step"] for p, r in zip([{"step": 0}] + records, records)}
+            samples = [(r["step"] - prev[r["step"]]) * args.batch_size for r in warm]
+            seconds = [n / r["samples_per_s"] for n, r in zip(samples, warm)]
+            waited = sum(r["data_wait_frac"] * t for r, t in zip(warm, seconds))
+            results[compile_mode, source] = (sum(samples) / args.batch_size / sum(seconds), waited / sum(seconds), steps)
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"\nteacher {args.teacher_checkpoint or args.teacher_arch}, student {args.student_arch}, {args.size}px views, {local}px 2x2 patches, "
           f"batch {args.batch_size}, device {dev}")
-    print(f"{'source':<8} {'steps/s':>9} {'data wait':>10} {'steps run':>10}")
-    for mode, (sps, wait, steps) in results.items():
-        print(f"{mode:<8} {sps:>9.3f} {100 * wait:>9.1f}% {steps:>10}")
-    print(f"cached / online = {results['cache'][0] / results['online'][0]:.2f}x")
+
+    def label(source: str, compile_mode: str | None) -> str:
+        return source if compile_mode is None else f"{source}, --compile-mode {compile_mode}"
+
+    width = max(len(label(source, m)) for m, source in results)
+    print(f"{'source':<{width}} {'steps/s':>9} {'data wait':>10} {'steps run':>10}")
+    for (compile_mode, source), (sps, wait, steps) in results.items():
+        print(f"{label(source, compile_mode):<{width}} {sps:>9.3f} {100 * wait:>9.1f}% {steps:>10}")
     # what no online implementation can save: the teacher's forward over the step's views
     forward = teacher_forward_seconds(teacher, args.batch_size, args.size, local, args.device)
-    cached_step = 1 / results["cache"][0]
+    for compile_mode in modes:
+        how = "" if compile_mode is None else f" (--compile-mode {compile_mode})"
+        print(f"cached / online{how} = {results[compile_mode, 'cache'][0] / results[compile_mode, 'online'][0]:.2f}x")
     print(f"teacher forward alone over a step's views (on the device, no copies): {1000 * forward:.1f} ms")
-    print(f"(cached step {1000 * cached_step:.1f} ms + that forward) / cached step = "
-          f"{(cached_step + forward) / cached_step:.2f}x: the speed-up against an online implementation costing nothing more")
+    for compile_mode in modes:
+        cached_step = 1 / results[compile_mode, "cache"][0]
+        print(f"(cached step {1000 * cached_step:.1f} ms + that forward) / cached step = "
+              f"{(cached_step + forward) / cached_step:.2f}x: the speed-up against an online implementation costing nothing more"
+              + ("" if compile_mode is None else f" (--compile-mode {compile_mode})"))
     if args.compile:
-        print(f"(both with --compile --compile-mode {args.compile_mode}; its compilation falls in the first third of the "
-              f"steps, left out)")
-        if args.compile_mode in ("reduce-overhead", "max-autotune") and dev != "cpu":
+        print("(with --compile, its compilation falls in the first third of a run's steps, left out)")
+        graphed = [m for m in modes if m in ("reduce-overhead", "max-autotune")]
+        if graphed and dev != "cpu":
             print("compiled graphs left out of CUDA graphs (the reasons are logged above): "
-                  + ", ".join(f"{mode} {n}" for mode, n in skipped.items()))
+                  + ", ".join(f"{label(source, m)} {n}" for (m, source), n in skipped.items() if m in graphed))
     print("(rates over the last two thirds of each run's steps, as total steps / total time)")
     if args.no_breakdown:
         if not args.workdir:
