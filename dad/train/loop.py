@@ -559,7 +559,12 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
             # elapsed_s goes on from the checkpoint resumed (the time lost after it is not counted)
             started_offset = float(state.get("elapsed_s", 0.0)) if state else 0.0
         teacher = micro[0]["teacher"]
-        in_flight.append((step + 1, train_step(ddp_module, optimizer, micro, cfg, device)))
+        try:
+            in_flight.append((step + 1, train_step(ddp_module, optimizer, micro, cfg, device)))
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile's compiler, not the training, failed
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ConfigError(f"--compile: torch.compile could not compile the step ({reason}); run without --compile, "
+                              f"or give inductor what it needs (a C++ compiler on CPUs, Triton on GPUs)") from e
         if step + 1 < total_steps:
             batches.prefetch()
         window["wait"] += batches.wait_seconds - wait_before

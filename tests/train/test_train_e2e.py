@@ -377,6 +377,23 @@ def test_compiled_run_matches_the_eager_run(tmp_path, cache):
         assert (pe - pc).abs().max() < 1e-3 * pe.abs().max()
 
 
+def test_a_compiler_that_fails_is_one_error_naming_the_flag(tmp_path, cache, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config
+
+    from dad.train.loop import train
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # compile, not load what compiled before
+    torch._dynamo.reset()  # nor reuse what this process compiled
+    try:
+        with pytest.raises(ConfigError, match=r"^--compile: torch.compile could not compile the step \(.*InvalidCxxCompiler"
+                                              r".*\); run without --compile, or give inductor what it needs"):
+            train(_cfg(cache, tmp_path / "run", num_iterations=1, compile=True))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_crop_flags_given_to_a_cached_run_must_be_the_caches(tmp_path, cache):
     from dad.train.loop import train
 
