@@ -519,6 +519,9 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
             f"{info.world_size} ranks), lr {cfg.lr:g} (encoder x{cfg.encoder_lr_mult:g}), {cfg.normalization} normalisation, "
             f"device {device}, start step {start_step}"
         )
+        if cfg.compile:  # a silent minute or two otherwise
+            logger.info(f"--compile: the first step compiles the student and the losses (mode {cfg.compile_mode}); "
+                        f"a minute or two, more with max-autotune")
     nonfinite_run = int(state.get("nonfinite_run", 0)) if state else 0  # skipped steps in a row, across a resume
     step = start_step
     # the objects of start-up (torch, the model, the cache index) live to the end: keep the

@@ -363,6 +363,9 @@ def test_compiled_run_matches_the_eager_run(tmp_path, cache):
                    compile_mode=mode or "default"))
         runs[mode] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
                       load_depth_model(out / "student_final.safetensors"))
+        # the minute or two of compiling is announced, not silent
+        assert (f"--compile: the first step compiles the student and the losses (mode {mode})" in
+                (out / "train.log").read_text()) == (mode is not None)
     eager_log, eager = runs.pop(None)
     for comp_log, comp in runs.values():
         for a, b in zip(eager_log, comp_log, strict=True):
