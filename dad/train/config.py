@@ -22,6 +22,11 @@ NORMALIZATIONS = ("global", "hybrid", "local", "none")
 # as "default"); "max-autotune" also benchmarks kernel variants while compiling (minutes longer)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def graph_free_mode(mode: str) -> str:
+    """The mode of --compile that compiles as ``mode`` does, without CUDA graphs."""
+    return "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
 # options only a --config file sets (dad train has no flag for them): errors name the file's key
 CONFIG_FILE_ONLY = ("feature_alpha", "flip_prob", "color_jitter", "max_nonfinite_steps")
 
@@ -133,8 +138,7 @@ class TrainConfig:
             # micro-batch's replay overwrites (pytorch/pytorch#169545): wrong sums, or an error
             bad("compile-mode", f"{self.compile_mode} replays CUDA graphs, which cannot accumulate gradients over "
                                 f"micro-batches (--grad-accum {self.grad_accum}): use --compile-mode "
-                                f"{'max-autotune-no-cudagraphs' if 'autotune' in self.compile_mode else 'default'} "
-                                f"or --grad-accum 1 with a larger --batch-size")
+                                f"{graph_free_mode(self.compile_mode)} or --grad-accum 1 with a larger --batch-size")
         if any(p < 0 for p in self.teacher_probs.values()) or (self.teacher_probs and sum(self.teacher_probs.values()) <= 0):
             bad("teacher-probs", "probabilities must be >= 0 and not all 0, e.g. large=0.7,base=0.3")
         if self.init_encoder_only and not self.student_init:

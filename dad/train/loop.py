@@ -28,7 +28,7 @@ from torch import nn
 from dad.errors import CheckpointError, ConfigError, DadError
 from dad.infer import autocast_for, resolve_device
 from dad.models import DepthAnythingV2, build_depth_model, load_depth_model, read_weights, save_depth_model
-from dad.train.config import TrainConfig
+from dad.train.config import CUDA_GRAPH_MODES, TrainConfig, graph_free_mode
 from dad.train.data import student_input
 from dad.train.losses import (
     FeatureProjection,
@@ -396,10 +396,21 @@ def total_steps_for(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.num_epochs * steps_per_epoch if cfg.num_epochs else cfg.num_iterations
 
 
+def check_compile_mode(cfg: TrainConfig, world_size: int) -> None:
+    """CUDA graphs of compiled code are for one process: under DDP, torch's CUDA graph trees meet
+    DDP's gradient hooks, which run on autograd's own thread (pytorch#113809, #128218: crashes).
+    Refused until measured otherwise."""
+    if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and world_size > 1:
+        raise ConfigError(f"--compile-mode {cfg.compile_mode}: its CUDA graphs are for one process, not for the "
+                          f"{world_size} ranks of a DDP run (torch's graph trees and DDP's gradient hooks clash: "
+                          f"pytorch#113809); use --compile-mode {graph_free_mode(cfg.compile_mode)} under torchrun")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a distillation; returns a summary. Works alone or under torchrun."""
     from dad.train.sources import make_batch_source
 
+    check_compile_mode(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     info, device = init_distributed(cfg.device)
     if device.type == "cuda":  # every step has the same input sizes: let cuDNN time its conv algorithms once
         torch.backends.cudnn.benchmark = True

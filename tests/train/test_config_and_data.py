@@ -45,6 +45,21 @@ def test_compile_modes_and_what_they_exclude():
         build_config({}, _base(compile=True, compile_mode="max-autotune", grad_accum=4))
 
 
+def test_cuda_graph_modes_are_for_one_process(monkeypatch):
+    from dad.train.loop import check_compile_mode, train
+
+    graphs = build_config({}, _base(compile=True, compile_mode="reduce-overhead"))
+    check_compile_mode(graphs, world_size=1)
+    for fine in (build_config({}, _base(compile=True)), build_config({}, _base())):
+        check_compile_mode(fine, world_size=8)
+    with pytest.raises(ConfigError, match=r"^--compile-mode reduce-overhead: .* not for the 8 ranks of a DDP run .*"
+                                          r"use --compile-mode default under torchrun$"):
+        check_compile_mode(graphs, world_size=8)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before any process group is made
+    with pytest.raises(ConfigError, match="not for the 2 ranks of a DDP run"):
+        train(graphs)
+
+
 @pytest.mark.parametrize("kw", [{"flip_prob": 2.0}, {"color_jitter": 1.0}, {"feature_alpha": 1.5}, {"max_nonfinite_steps": 0}])
 def test_invalid_file_only_values_name_the_files_key(kw):
     (key,) = kw
