@@ -22,13 +22,13 @@ NORMALIZATIONS = ("global", "hybrid", "local", "none")
 # as "default"); "max-autotune" also benchmarks kernel variants while compiling (minutes longer)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# options only a --config file sets (dad train has no flag for them): errors name the file's key
+CONFIG_FILE_ONLY = ("feature_alpha", "flip_prob", "color_jitter", "max_nonfinite_steps")
 
 
 def graph_free_mode(mode: str) -> str:
     """The mode of --compile that compiles as ``mode`` does, without CUDA graphs."""
     return "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
-# options only a --config file sets (dad train has no flag for them): errors name the file's key
-CONFIG_FILE_ONLY = ("feature_alpha", "flip_prob", "color_jitter", "max_nonfinite_steps")
 
 
 @dataclass
