@@ -56,7 +56,7 @@ def main() -> None:
     from dad.data.synthetic import render_scene
     from dad.models import build_depth_model, save_depth_model
     from dad.pipeline.cache_teachers import cache_teachers
-    from dad.train.config import TrainConfig
+    from dad.train.config import CUDA_GRAPH_MODES, TrainConfig
     from dad.train.loop import train
     from torch._dynamo.utils import counters  # inductor counts here the graphs it could not record into CUDA graphs
 
@@ -117,6 +117,9 @@ def main() -> None:
     def label(source: str, compile_mode: str | None) -> str:
         return source if compile_mode is None else f"{source}, --compile-mode {compile_mode}"
 
+    def suffix(compile_mode: str | None) -> str:
+        return "" if compile_mode is None else f" (--compile-mode {compile_mode})"
+
     width = max(len(label(source, m)) for m, source in results)
     print(f"{'source':<{width}} {'steps/s':>9} {'data wait':>10} {'steps run':>10}")
     for (compile_mode, source), (sps, wait, steps) in results.items():
@@ -124,17 +127,16 @@ def main() -> None:
     # what no online implementation can save: the teacher's forward over the step's views
     forward = teacher_forward_seconds(teacher, args.batch_size, args.size, local, args.device)
     for compile_mode in modes:
-        how = "" if compile_mode is None else f" (--compile-mode {compile_mode})"
-        print(f"cached / online{how} = {results[compile_mode, 'cache'][0] / results[compile_mode, 'online'][0]:.2f}x")
+        print(f"cached / online{suffix(compile_mode)} = {results[compile_mode, 'cache'][0] / results[compile_mode, 'online'][0]:.2f}x")
     print(f"teacher forward alone over a step's views (on the device, no copies): {1000 * forward:.1f} ms")
     for compile_mode in modes:
         cached_step = 1 / results[compile_mode, "cache"][0]
         print(f"(cached step {1000 * cached_step:.1f} ms + that forward) / cached step = "
               f"{(cached_step + forward) / cached_step:.2f}x: the speed-up against an online implementation costing nothing more"
-              + ("" if compile_mode is None else f" (--compile-mode {compile_mode})"))
+              + suffix(compile_mode))
     if args.compile:
         print("(with --compile, its compilation falls in the first third of a run's steps, left out)")
-        graphed = [m for m in modes if m in ("reduce-overhead", "max-autotune")]
+        graphed = [m for m in modes if m in CUDA_GRAPH_MODES]
         if graphed and dev != "cpu":
             print("compiled graphs left out of CUDA graphs (the reasons are logged above): "
                   + ", ".join(f"{label(source, m)} {n}" for (m, source), n in skipped.items() if m in graphed))
