@@ -226,7 +226,8 @@ def data_worker_seconds(cfg, batches: int) -> float:
 
 def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], dict[str, int], list, dict[str, float]]:
     """Seconds per phase of a cached training step (batch to device, student forward, losses,
-    backward, clipping + optimizer), each timed alone with the device synchronised, the mean
+    the losses' backward down to the student's outputs, the student's backward, clipping +
+    optimizer), each timed alone with the device synchronised, the mean
     over ``steps`` steps after two warm-up steps; and each phase's operator calls (about one
     kernel launch each on a GPU) and host waits for the device, counted in the second warm-up
     step (the first makes the optimizer's state: ~3 calls per parameter tensor). Where to look when a step is
@@ -250,7 +251,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
     module = DistillModule(build_depth_model(cfg.student_arch), source.feature_dim if cfg.lambda_feat > 0 else None).to(device)
     optimizer = build_optimizer(module, cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    phases = dict.fromkeys(("to device", "forward", "losses", "backward", "optimizer"), 0.0)
+    phases = dict.fromkeys(("to device", "forward", "losses", "losses backward", "student backward", "optimizer"), 0.0)
     calls = dict.fromkeys(phases, 0)
     waits = dict.fromkeys(phases, 0)
 
@@ -296,8 +297,12 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
                 return module(student_input(batch["rgb"], batch["jitter"]))
 
         depth, tokens = timed("forward", forward)
-        terms = timed("losses", lambda: compute_losses(depth, tokens, batch, cfg))
-        timed("backward", lambda: terms["total"].backward())
+        # the backward in two: the losses' (down to the student's outputs), then the student's
+        outputs = [t for t in (depth, tokens) if t is not None]
+        leaves = [t.detach().requires_grad_() for t in outputs]
+        terms = timed("losses", lambda: compute_losses(leaves[0], leaves[1] if tokens is not None else None, batch, cfg))
+        timed("losses backward", lambda: terms["total"].backward())
+        timed("student backward", lambda: torch.autograd.backward(outputs, [t.grad for t in leaves]))
 
         def update():
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
