@@ -8,10 +8,11 @@ on random maps, and L_sc + L_grad computed the way training does (L_grad reusing
 normalisation, ``shared_context_and_gradient_losses``) against the two computed on their own;
 each with the normalisation run level by level and map by map, and with both maps at every
 level stacked into one pass (``dad.train.normalization.STACKED``: stacked on GPUs, per level
-on CPUs). Best of --repeat runs after a warm-up. "operator calls" counts the calls of a forward
-+ backward that reach the device (views left out): about one kernel launch each on a GPU, where
-launching, not computing, is what a step's many small loss kernels cost (eager mode; --compile
-fuses them).
+on CPUs), and the device's path differentiated by autograd instead of by its written-out
+backward (``dad.train.normalization.ANALYTIC_BACKWARD``). Best of --repeat runs after a
+warm-up. "operator calls" counts the calls of a forward + backward that reach the device (views
+left out): about one kernel launch each on a GPU, where launching, not computing, is what a
+step's many small loss kernels cost (eager mode; --compile fuses them).
 """
 
 from __future__ import annotations
@@ -60,17 +61,21 @@ def main() -> None:
     print(f"batch {b}, {s} px maps, 2x2 patches of {s} px, {mode} normalisation, device {device}"
           + (", compiled" if args.compile else ""))
     default = device.type != "cpu"  # what dad.train.normalization.STACKED = None picks here
-    # compiling takes a while: with --compile, only the path training takes on this device
-    paths = (default,) if args.compile else (False, True)
-    print(f"  {'':<36} {'ms, forward + backward':>24} {'operator calls':>18}")
-    print(f"  {'':<36} {'per level':>11} {'stacked':>12} {'per level':>10} {'stacked':>8}")
+    # (STACKED, ANALYTIC_BACKWARD); compiling takes a while: with --compile, only the path
+    # training takes on this device, with either backward
+    paths = {(False, True): "per level", (True, True): "stacked", (default, False): "autograd bwd"}
+    if args.compile:
+        paths = {(default, True): "training's", (default, False): "autograd bwd"}
+    print(f"  {'':<36} {'ms, forward + backward':>{14 * len(paths)}}   {'operator calls'}")
+    print(f"  {'':<36} " + "".join(f"{label:>14}" for label in paths.values()) + "   "
+          + "".join(f"{label:>14}" for label in paths.values()))
     for name, fn in variants.items():
         times, calls = {}, {}
-        for stacked in paths:
-            normalization.STACKED = stacked
+        for stacked, analytic in paths:
+            normalization.STACKED, normalization.ANALYTIC_BACKWARD = stacked, analytic
             with OperatorCalls() as counter:  # eager, before any compilation
                 fn().backward()
-            calls[stacked] = str(counter.calls)
+            calls[stacked, analytic] = counter.calls
             run = torch.compile(fn) if args.compile else fn
             run().backward()  # warm-up (and compilation)
             best = float("inf")
@@ -80,10 +85,13 @@ def main() -> None:
                 run().backward()
                 sync()
                 best = min(best, time.perf_counter() - start)
-            times[stacked] = f"{1000 * best:.1f}"
-        print(f"  {name:<36} {times.get(False, '-'):>11} {times.get(True, '-'):>12} "
-              f"{calls.get(False, '-'):>10} {calls.get(True, '-'):>8}")
-    print(f"(training takes the {'stacked' if default else 'per level'} path on this device; operator calls: eager)")
+            times[stacked, analytic] = 1000 * best
+            if args.compile:
+                torch._dynamo.reset()  # the next path compiles anew
+        print(f"  {name:<36} " + "".join(f"{times[p]:>14.1f}" for p in paths) + "   "
+              + "".join(f"{calls[p]:>14}" for p in paths))
+    print(f"(training takes the {'stacked' if default else 'per level'} path on this device, with the written-out "
+          f"backward; autograd bwd: the same path differentiated by autograd; operator calls: eager)")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,13 @@ STACKED_MAX_ELEMENTS = 1 << 25
 # (all of a row's pixels add into its few groups) but which is the faster on CPUs; None, the
 # sums on every device but the CPU. The gradients are the same up to float rounding.
 GROUP_SUM_BACKWARD: bool | None = None
+# How ``normalize_groups`` is differentiated: True, by its gradient written out
+# (``_GroupNormalize``: per-group sums of three per-pixel terms, a few elementwise passes, and a
+# correction at each group's median pixel), rows without a gradient (the teacher's, stacked with
+# the student's) skipped; False, by autograd through every op of the forward (the sort-order
+# gathers, the float64 cumulative sum, ...), each a pass over the maps. The same gradients up to
+# float rounding.
+ANALYTIC_BACKWARD = True
 
 
 def hierarchy_levels(num_segments: int) -> list[int]:
@@ -120,10 +127,28 @@ class _PerPixel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (groups,) = ctx.saved_tensors
-        if ctx.num_groups > 32:
-            return grad.new_zeros(grad.shape[0], ctx.num_groups).scatter_add_(1, groups, grad), None
-        zero = grad.new_zeros(())
-        return torch.stack([torch.where(groups == g, grad, zero).sum(1) for g in range(ctx.num_groups)], dim=1), None
+        return _group_sums([grad], groups, ctx.num_groups, masked=True)[0], None
+
+
+def _group_sums(values: list[torch.Tensor], groups: torch.Tensor, num_groups: int,
+                masked: bool | None = None) -> list[torch.Tensor]:
+    """Per row, the sums of each (R, M) tensor of ``values`` over the pixels of each group id
+    below ``num_groups``: (R, num_groups) each. ``masked``: one masked sum per group
+    (deterministic; on GPUs, where scatter_add serialises on its atomics); False, scatter_add;
+    None, as ``GROUP_SUM_BACKWARD`` says. Many groups: scatter_add."""
+    if masked is None:
+        masked = GROUP_SUM_BACKWARD if GROUP_SUM_BACKWARD is not None else groups.device.type != "cpu"
+    if not masked or num_groups > 32:
+        # ids >= num_groups land in one extra column, dropped
+        ids = groups.clamp(max=num_groups)
+        return [v.new_zeros(v.shape[0], num_groups + 1).scatter_add_(1, ids, v)[:, :num_groups] for v in values]
+    sums: list[list[torch.Tensor]] = [[] for _ in values]
+    zero = values[0].new_zeros(())
+    for g in range(num_groups):
+        member = groups == g
+        for out, v in zip(sums, values):
+            out.append(torch.where(member, v, zero).sum(1))
+    return [torch.stack(out, dim=1) for out in sums]
 
 
 def _per_pixel(stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -135,8 +160,9 @@ def _per_pixel(stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: torch.Tensor | None,
-                 all_grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(median, MAD, count) per group, each (R, G), and each pixel's group median (R, M).
+                 all_grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(median, MAD, count) per group, each (R, G), each pixel's group median (R, M), and the
+    column of each group's median pixel (R, G; any column for an empty group).
     ``all_grouped``: the caller knows every id is below G (no pixel outside the groups)."""
     r, m = x.shape
     g = num_groups
@@ -148,7 +174,8 @@ def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: 
     count = start[:, 1:] - start[:, :-1]
     start = start[:, :-1]
     rank = (start + (count - 1).clamp(min=0) // 2).clamp(max=m - 1)
-    med = x.gather(1, order.gather(1, rank))
+    med_index = order.gather(1, rank)
+    med = x.gather(1, med_index)
     med = torch.where(count > 0, med, torch.zeros_like(med))
     # MAD: per-group sums of |x - med| as differences of a cumulative sum in group order
     med_px = _per_pixel(med, groups)
@@ -159,7 +186,7 @@ def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: 
     csum = torch.cat([dev.new_zeros(r, 1, dtype=acc), dev.gather(1, order).to(acc).cumsum(dim=1)], dim=1)
     sums = csum.gather(1, start + count) - csum.gather(1, start)
     mad = (sums / count.clamp(min=1)).to(x.dtype)
-    return med, mad, count, med_px
+    return med, mad, count, med_px, med_index
 
 
 def grouped_median_mad(x: torch.Tensor, groups: torch.Tensor, num_groups: int,
@@ -173,19 +200,72 @@ def grouped_median_mad(x: torch.Tensor, groups: torch.Tensor, num_groups: int,
     count: the lower middle element. Differentiable w.r.t. x (the median passes its gradient
     to the element it picks, like torch.median).
     """
-    med, mad, count, _ = _group_stats(x, groups, num_groups, order)
+    med, mad, count, _, _ = _group_stats(x, groups, num_groups, order)
     return med, mad, count
 
 
 def normalize_groups(x: torch.Tensor, groups: torch.Tensor, num_groups: int, eps: float = EPS,
-                     order: torch.Tensor | None = None, all_grouped: bool = False) -> torch.Tensor:
+                     order: torch.Tensor | None = None, all_grouped: bool = False,
+                     grad_rows: int | None = None) -> torch.Tensor:
     """(R, M) -> (R, M): each pixel as (x - med_u) / (MAD_u + eps) with u its group; 0 where
     ``groups == num_groups`` (no group). ``order`` as for ``grouped_median_mad``;
-    ``all_grouped=True`` promises no such pixel, which saves the masking kernels."""
-    _, mad, _, med_px = _group_stats(x, groups, num_groups, order, all_grouped)
+    ``all_grouped=True`` promises no such pixel, which saves the masking kernels. ``grad_rows``:
+    only the first rows need a gradient (the rest get 0); differentiated as
+    ``ANALYTIC_BACKWARD`` says."""
+    if ANALYTIC_BACKWARD and x.requires_grad and torch.is_grad_enabled():
+        return _GroupNormalize.apply(x, groups, num_groups, eps, order, all_grouped, grad_rows)
+    return _normalize_groups(x, groups, num_groups, eps, order, all_grouped)[0]
+
+
+def _normalize_groups(x: torch.Tensor, groups: torch.Tensor, num_groups: int, eps: float, order: torch.Tensor | None,
+                      all_grouped: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``normalize_groups`` and the statistics behind it: (median, MAD, count, median column)."""
+    med, mad, count, med_px, med_index = _group_stats(x, groups, num_groups, order, all_grouped)
     mad_px = _per_pixel(mad, groups)
     out = (x - med_px) / (mad_px + eps)
-    return out if all_grouped else torch.where(groups < num_groups, out, torch.zeros_like(out))
+    out = out if all_grouped else torch.where(groups < num_groups, out, torch.zeros_like(out))
+    return out, (med, mad, count, med_index)
+
+
+class _GroupNormalize(torch.autograd.Function):
+    """``normalize_groups`` with its gradient written out. For pixel k of group u (n pixels,
+    median m at pixel mu, MAD D, d = D + eps, output gradient g):
+
+        dL/dx_k = g_k / d - q sign(x_k - m) + [k = mu] (q S - G1 / d),
+        G1 = sum_u g, G2 = sum_u g (x - m), S = sum_u sign(x - m), q = G2 / (d^2 n),
+
+    from N_i = (x_i - m) / d, dD/dx_k = sign(x_k - m) / n - [k = mu] S / n (the median passes its
+    gradient to the pixel it picks, and sign(0) = 0, as autograd's abs has it). Its backward is
+    three per-group sums and a few passes over the pixels; autograd's, through the sort-order
+    gathers and the float64 cumulative sum of the forward, several times as many."""
+
+    @staticmethod
+    def forward(ctx, x, groups, num_groups, eps, order, all_grouped, grad_rows):
+        out, (med, mad, count, med_index) = _normalize_groups(x, groups, num_groups, eps, order, all_grouped)
+        rows = x.shape[0] if grad_rows is None else grad_rows
+        ctx.save_for_backward(x[:rows], groups[:rows], med[:rows], mad[:rows], count[:rows], med_index[:rows])
+        ctx.num_groups, ctx.eps, ctx.all_grouped = num_groups, eps, all_grouped
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, groups, med, mad, count, med_index = ctx.saved_tensors
+        n, eps = ctx.num_groups, ctx.eps
+        rows = x.shape[0]
+        g = grad_out[:rows]
+        if not ctx.all_grouped:
+            g = torch.where(groups < n, g, torch.zeros_like(g))
+        padded = lambda t: torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1).gather(1, groups)  # noqa: E731
+        dev = x - padded(med)
+        sign = dev.sign()
+        g1, g2, s = _group_sums([g, g * dev, sign], groups, n)
+        d = mad + eps
+        q = g2 / (d * d * count.clamp(min=1))
+        grad = g * padded(1 / d) - padded(q) * sign  # pixels of no group: g is 0 there, and so is their q
+        grad = grad.scatter_add(1, med_index, torch.where(count > 0, q * s - g1 / d, torch.zeros_like(q)))
+        if rows < grad_out.shape[0]:
+            grad = torch.cat([grad, grad.new_zeros(grad_out.shape[0] - rows, grad.shape[1])])
+        return grad, None, None, None, None, None, None
 
 
 def masked_median_mad(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,5 +400,6 @@ def _normalize_stacked(s: torch.Tensor, t: torch.Tensor, m: torch.Tensor | None,
     s_rows = s.expand(num_levels, rows, pixels).reshape(-1, pixels)
     t_rows = t.expand(num_levels, rows, pixels).reshape(-1, pixels)
     order = torch.cat([group_order(s_rows, ids), order_t.repeat(num_levels, 1)])
-    both = normalize_groups(torch.cat([s_rows, t_rows]), ids.repeat(2, 1), k, eps, order, all_grouped=m is None)
+    both = normalize_groups(torch.cat([s_rows, t_rows]), ids.repeat(2, 1), k, eps, order, all_grouped=m is None,
+                            grad_rows=None if t.requires_grad else s_rows.shape[0])  # a teacher's rows need none
     return both.view(2, num_levels, rows, pixels).unbind(0)

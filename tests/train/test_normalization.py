@@ -278,6 +278,56 @@ def test_per_group_values_given_to_pixels_pass_back_the_gradient_of_a_gather(num
     assert torch.autograd.gradcheck(lambda s: normalization._per_pixel(s, groups[:, :20]), (stats,))
 
 
+def test_the_written_out_gradient_passes_gradcheck():
+    # _GroupNormalize's backward against finite differences, float64: groups of several sizes,
+    # one empty, pixels of no group (id G), odd and even counts (distinct values: the median and
+    # |x - m| are not differentiable at ties; test_the_written_out_gradient_equals_autograds has them)
+    from dad.train import normalization
+
+    g = torch.Generator().manual_seed(11)
+    groups = torch.randint(0, 4, (3, 40), generator=g)  # id 3: no group (G = 3)
+    groups[:, :5] = 1
+    groups[0] = groups[0].clamp(max=1)  # row 0: group 2 empty
+    x = torch.rand(3, 40, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: normalization.normalize_groups(v, groups, 3, eps=1e-3), (x,), eps=1e-7,
+                                    atol=1e-6)
+    # grad_rows=2: the first two rows' gradients, and none for the third (a teacher's row)
+    weights = torch.randn(3, 40, dtype=torch.float64, generator=g)
+    full, top = (torch.autograd.grad((normalization.normalize_groups(x, groups, 3, eps=1e-3, grad_rows=rows) * weights).sum(), x)[0]
+                 for rows in (None, 2))
+    assert torch.equal(top[:2], full[:2]) and torch.equal(top[2], torch.zeros(40, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sums", [False, True])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_written_out_gradient_equals_autograds(stacked, sums, monkeypatch):
+    # ANALYTIC_BACKWARD (the default) against autograd through the forward's ops, in every mode,
+    # with and without a mask, with ties and a constant teacher row, on either path
+    from dad.train import normalization
+    from dad.train.losses import shared_context_and_gradient_losses
+
+    monkeypatch.setattr(normalization, "STACKED", stacked)
+    monkeypatch.setattr(normalization, "GROUP_SUM_BACKWARD", sums)
+    g = torch.Generator().manual_seed(5)
+    ds, dt = torch.randn(3, 12, 10, generator=g), torch.rand(3, 12, 10, generator=g) ** 2
+    ds[0] = ds[0].round(decimals=1)  # ties in the student
+    dt[2] = 0.5  # a constant teacher: one group
+    mask = torch.rand(3, 12, 10, generator=g) > 0.25
+    weights = torch.rand(3, 120, generator=g)
+    for mode in ("global", "hybrid", "local"):
+        for m in (None, mask):
+            grads = {}
+            for analytic in (False, True):
+                monkeypatch.setattr(normalization, "ANALYTIC_BACKWARD", analytic)
+                leaf = ds.clone().requires_grad_()
+                per_pixel = normalization.normalized_abs_diff(leaf, dt, m, mode, 4)
+                sc, grad = shared_context_and_gradient_losses(leaf, dt, mode=mode, num_segments=4, mask=m)
+                ((per_pixel * weights).sum() + sc + 2 * grad).backward()
+                grads[analytic] = leaf.grad
+            assert grads[True].abs().sum() > 0
+            assert torch.allclose(grads[True], grads[False], atol=1e-6, rtol=1e-5), (mode, m is None)
+
+
 # --------------------------------------------------------------------------------------------
 # the two ways of computing the levels, and the paths without a mask
 
