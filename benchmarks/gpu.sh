@@ -59,8 +59,9 @@ for name in train train-compile; do
         flag=()
         # the compiled runs, both modes side by side, leave out the eager step's breakdown
         [[ $name == train-compile ]] && flag=(--compile --compile-mode default,reduce-overhead --no-breakdown)
+        # with a trace of 3 cached steps per mode in OUTDIR (benchmarks/trace_gaps.py reads it)
         part "$name" "$py" benchmarks/train.py --teacher-arch vitl --student-arch vitb --size 560 --images 64 \
-            --batch-size 4 --steps 30 --num-workers 8 ${flag[@]+"${flag[@]}"}
+            --batch-size 4 --steps 30 --num-workers 8 --trace-dir "$out" ${flag[@]+"${flag[@]}"}
     fi
 done
 # the rows the goals are judged on, together at the end

@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--compile", action="store_true",
                     help="the runs with --compile (torch.compile the student and losses) instead of eager")
+    ap.add_argument("--trace-dir", default=None,
+                    help="keep here a torch.profiler trace of 3 cached steps of each mode (dad train --profile-steps 3, "
+                         "steps 6-8, inside the first third left out of the rates); read it with benchmarks/trace_gaps.py")
     ap.add_argument("--no-breakdown", action="store_true",
                     help="leave out the phases of an eager cached step and the data worker's time (printed last)")
     ap.add_argument("--compile-mode", default="default",
@@ -91,7 +94,7 @@ def main() -> None:
                           num_workers=args.num_workers, seed=0, compile=compile_mode is not None,
                           compile_mode=compile_mode or "default")
             if source == "cache":
-                cfg = TrainConfig(cache=[str(cache)], **common)
+                cfg = TrainConfig(cache=[str(cache)], profile_steps=3 if args.trace_dir else 0, **common)
             else:
                 cfg = TrainConfig(online=True, teachers=[f"teacher={teacher}"], images=str(images), **common, **grid)
             skips = counters["inductor"]["cudagraph_skips"]
@@ -100,6 +103,9 @@ def main() -> None:
             if compile_mode is not None:
                 torch._dynamo.reset()  # the run's compiled code and CUDA graphs (their memory pool) go
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples_per_s"' in line]
+            for trace in (out / "profile").glob("*.json.gz") if args.trace_dir else ():
+                Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+                shutil.copy(trace, Path(args.trace_dir) / f"trace-{source}-{compile_mode or 'eager'}.json.gz")
             shutil.rmtree(out, ignore_errors=True)  # checkpoints and optimizer state: gigabytes at these sizes
             # the later windows (start-up, compilation and the loader's prefetched batches left
             # out), as totals: time = samples / rate per window, not a mean of rates

@@ -183,6 +183,9 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--compile-mode", "--compile_mode", "compile_mode",
               type=click.Choice(COMPILE_MODES),
               help="torch.compile mode of --compile; reduce-overhead replays each step's kernels from CUDA graphs [default].")
+@click.option("--profile-steps", "--profile_steps", "profile_steps", type=int,
+              help="Trace N steps (after the first 5) with torch.profiler into OUTPUT_DIR/profile/, a Chrome/Perfetto "
+                   "JSON of host ops and GPU kernels: where a step's time goes [0: off].")
 @click.option("--resume", is_flag=True, help="Continue from the training state in --output-dir.")
 @click.option("--online", is_flag=True, help="Baseline: run the teachers live instead of reading a cache.")
 @click.option("--teacher", "teachers", multiple=True, help="--online: teacher [NAME=]CKPT (repeatable).")

@@ -75,6 +75,7 @@ class TrainConfig:
     precision: str = "bf16"
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
+    profile_steps: int = 0  # > 0: a torch.profiler trace of that many steps, in OUTPUT_DIR/profile/
     resume: bool = False
     max_nonfinite_steps: int = 5
     # online baseline (teachers run live; no cache)
@@ -124,7 +125,7 @@ class TrainConfig:
         if self.num_segments < 1 or self.num_segments & (self.num_segments - 1):
             bad("num-segments", "must be a power of two (1, 2, 4, 8, ...)")
         for name in ("lambda_lg", "lambda_feat", "lambda_grad", "encoder_lr_mult", "weight_decay", "warmup_steps", "num_workers",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "profile_steps"):
             if (getattr(self, name) or 0) < 0:
                 bad(name.replace("_", "-"), "must be >= 0")
         if self.precision not in ("bf16", "fp32"):

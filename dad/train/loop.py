@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import gzip
 import json
 import os
 import random
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -396,6 +398,60 @@ def total_steps_for(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.num_epochs * steps_per_epoch if cfg.num_epochs else cfg.num_iterations
 
 
+class StepProfiler:
+    """``--profile-steps N``: torch.profiler over N steps of the run, after the first few
+    (start-up, compilation, the allocator's growth), written by rank 0 as a Chrome/Perfetto
+    trace with a range per step: the host's ops and, on GPUs, the kernels, so a step's gaps
+    show what the GPU waited for (``benchmarks/trace_gaps.py`` lists them)."""
+
+    AFTER = 5  # steps left out first
+
+    def __init__(self, count: int, start_step: int, total_steps: int, out_dir: Path, device: torch.device,
+                 enabled: bool) -> None:
+        self.enabled = enabled and count > 0
+        self.first = start_step + max(0, min(self.AFTER, total_steps - start_step - count))
+        self.last = min(total_steps, self.first + count)  # steps first+1 .. last (1-based, as logged)
+        self.out_dir, self.device = out_dir, device
+        self.profiler: torch.profiler.profile | None = None
+        self.step_range: torch.profiler.record_function | None = None
+
+    def before(self, step: int) -> None:
+        """Called before 0-based ``step`` runs."""
+        if not self.enabled or not self.first <= step < self.last:
+            return
+        if self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        self.step_range = torch.profiler.record_function(f"step {step + 1}")
+        self.step_range.__enter__()
+
+    def after(self, step_done: int) -> Path | None:
+        """Called once ``step_done`` steps are done; the trace's path when it is written."""
+        if self.step_range is None:
+            return None
+        self.step_range.__exit__(None, None, None)
+        self.step_range = None
+        if step_done < self.last:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the last step's kernels into the trace
+        self.profiler.__exit__(None, None, None)
+        path = self.out_dir / "profile" / f"trace_steps_{self.first + 1}-{self.last}.json.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plain = path.with_name(path.name + ".partial.json")
+        self.profiler.export_chrome_trace(str(plain))
+        partial = path.with_name(path.name + ".partial")
+        with open(plain, "rb") as src, gzip.open(partial, "wb", compresslevel=6) as dst:  # ~10x smaller
+            shutil.copyfileobj(src, dst)
+        plain.unlink()
+        os.replace(partial, path)  # never a half-written trace under the final name
+        self.profiler, self.enabled = None, False
+        return path
+
+
 def check_compile_mode(cfg: TrainConfig, world_size: int) -> None:
     """CUDA graphs of compiled code are for one process: under DDP, torch's CUDA graph trees meet
     DDP's gradient hooks, which run on autograd's own thread (pytorch#113809, #128218: crashes).
@@ -564,7 +620,9 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         return terms, applied
 
     progress.step = progress.saved = step
+    profiler = StepProfiler(cfg.profile_steps, start_step, total_steps, out_dir, device, info.is_main)
     while step < total_steps:
+        profiler.before(step)
         wait_before = batches.wait_seconds
         micro = batches.take()
         if step == start_step:  # the loader's start-up (worker processes, first reads) is not a step's wait
@@ -636,6 +694,10 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
             if dist.is_initialized():
                 dist.barrier()
         window["t0"] += time.perf_counter() - paused
+        trace = profiler.after(step)
+        if trace is not None:
+            logger.info(f"--profile-steps: steps {profiler.first + 1}-{profiler.last} traced to {trace} "
+                        f"(open it in https://ui.perfetto.dev; gaps: python benchmarks/trace_gaps.py {trace})")
     final = out_dir / "student_final.safetensors"
     if info.is_main:
         save_depth_model(module.student, final, extra={"step": step, "train_config": cfg.to_dict()})

@@ -380,6 +380,22 @@ def test_compiled_run_matches_the_eager_run(tmp_path, cache):
         assert (pe - pc).abs().max() < 1e-3 * pe.abs().max()
 
 
+def test_profile_steps_writes_a_trace_of_those_steps(tmp_path, cache):
+    import gzip
+
+    from dad.train.loop import train
+
+    out = tmp_path / "run"
+    train(_cfg(cache, out, num_iterations=4, checkpoint_interval=4, profile_steps=2))
+    # 4 steps: the last 2 traced (a longer run leaves the first 5 out)
+    assert sorted(p.name for p in (out / "profile").iterdir()) == ["trace_steps_3-4.json.gz"]
+    events = json.loads(gzip.decompress((out / "profile" / "trace_steps_3-4.json.gz").read_bytes()))["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"step 3", "step 4"} <= names and "step 2" not in names and "step 5" not in names
+    assert any(str(n).startswith("aten::") for n in names)  # the ops inside the steps
+    assert "--profile-steps: steps 3-4 traced to " in (out / "train.log").read_text()
+
+
 def test_a_compiler_that_fails_is_one_error_naming_the_flag(tmp_path, cache, monkeypatch):
     import torch._dynamo
     import torch._inductor.config
