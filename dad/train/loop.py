@@ -673,7 +673,11 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
                 f"ETA {format_duration(eta)}"
             )
             window = _new_window()
-        paused = time.perf_counter()  # validation and checkpoints are not training throughput
+        paused = time.perf_counter()  # validation, checkpoints and a trace's export are not training throughput
+        trace = profiler.after(step)
+        if trace is not None:
+            logger.info(f"--profile-steps: steps {profiler.first + 1}-{profiler.last} traced to {trace} "
+                        f"(open it in https://ui.perfetto.dev; gaps: python benchmarks/trace_gaps.py {trace})")
         if validator and (validating or step == total_steps):
             for v in validator:
                 result = v.run(module.student)
@@ -694,10 +698,6 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
             if dist.is_initialized():
                 dist.barrier()
         window["t0"] += time.perf_counter() - paused
-        trace = profiler.after(step)
-        if trace is not None:
-            logger.info(f"--profile-steps: steps {profiler.first + 1}-{profiler.last} traced to {trace} "
-                        f"(open it in https://ui.perfetto.dev; gaps: python benchmarks/trace_gaps.py {trace})")
     final = out_dir / "student_final.safetensors"
     if info.is_main:
         save_depth_model(module.student, final, extra={"step": step, "train_config": cfg.to_dict()})
