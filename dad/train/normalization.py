@@ -151,12 +151,12 @@ def _group_sums(values: list[torch.Tensor], groups: torch.Tensor, num_groups: in
     return [torch.stack(out, dim=1) for out in sums]
 
 
-def _per_pixel(stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def _per_pixel(stats: torch.Tensor, groups: torch.Tensor, differentiable: bool = True) -> torch.Tensor:
     """(R, G) per-group values -> (R, M) per pixel; ids G (no group) get 0. The backward as
-    ``GROUP_SUM_BACKWARD`` says."""
+    ``GROUP_SUM_BACKWARD`` says (``differentiable=False``: none, a plain gather)."""
     padded = torch.cat([stats, stats.new_zeros(stats.shape[0], 1)], dim=1)
     sums = GROUP_SUM_BACKWARD if GROUP_SUM_BACKWARD is not None else stats.device.type != "cpu"
-    return _PerPixel.apply(padded, groups) if sums else padded.gather(1, groups)
+    return _PerPixel.apply(padded, groups) if sums and differentiable else padded.gather(1, groups)
 
 
 def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: torch.Tensor | None,
@@ -255,13 +255,13 @@ class _GroupNormalize(torch.autograd.Function):
         g = grad_out[:rows]
         if not ctx.all_grouped:
             g = torch.where(groups < n, g, torch.zeros_like(g))
-        padded = lambda t: torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1).gather(1, groups)  # noqa: E731
-        dev = x - padded(med)
+        dev = x - _per_pixel(med, groups, differentiable=False)
         sign = dev.sign()
         g1, g2, s = _group_sums([g, g * dev, sign], groups, n)
         d = mad + eps
         q = g2 / (d * d * count.clamp(min=1))
-        grad = g * padded(1 / d) - padded(q) * sign  # pixels of no group: g is 0 there, and so is their q
+        # pixels of no group: g is 0 there, and so is their q
+        grad = g * _per_pixel(1 / d, groups, differentiable=False) - _per_pixel(q, groups, differentiable=False) * sign
         grad = grad.scatter_add(1, med_index, torch.where(count > 0, q * s - g1 / d, torch.zeros_like(q)))
         if rows < grad_out.shape[0]:
             grad = torch.cat([grad, grad.new_zeros(grad_out.shape[0] - rows, grad.shape[1])])
