@@ -1,6 +1,8 @@
 """Where the GPU waited, read from a trace of `dad train --profile-steps N` (or any torch.profiler
-Chrome trace): the share of the traced time the GPU was busy, its largest idle gaps, and for each
-the host op whose kernel ended it, and when that kernel was launched.
+Chrome trace): the share of the traced time the GPU was busy; per phase of a step (dad train's
+forward / losses / backward / optimizer ranges) its host time, the GPU time of the kernels
+launched in it and the GPU's idle time before them; its largest idle gaps, and for each the host
+op whose kernel ended it, and when that kernel was launched.
 
     python benchmarks/trace_gaps.py runs/vitb/profile/trace_steps_6-8.json.gz [--top 15]
 
@@ -20,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+PHASES = ("forward", "losses", "backward", "optimizer")  # dad train's ranges inside each step
 
 
 def load_events(path: Path) -> list[dict]:
@@ -65,6 +68,15 @@ def launching_ops(events: list[dict]) -> dict[int, tuple[str, float]]:
     return found
 
 
+def phase_at(ranges: list[tuple[float, float, str]], starts: list[float], t: float | None) -> str:
+    """The phase whose host range holds time ``t`` (ranges sorted by start), else 'between'."""
+    if t is not None:
+        i = bisect.bisect_right(starts, t) - 1
+        if i >= 0 and t < ranges[i][1]:
+            return ranges[i][2]
+    return "between"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace", type=Path)
@@ -92,6 +104,19 @@ def main() -> None:
           f"{(span - busy_us) / 1000 / max(1, len(steps)):.1f} ms a step of {per_step / 1000:.1f}")
 
     launches = launching_ops(events)
+    # each phase's host time, the GPU time of the kernels launched in it, and the idle time
+    # that ended with one of them
+    ranges = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]) for e in events
+                    if e.get("cat") == "user_annotation" and e.get("name") in PHASES)
+    range_starts = [r[0] for r in ranges]
+    host_ms: dict[str, float] = defaultdict(float)
+    for a, b, name in ranges:
+        host_ms[name] += (b - a) / 1000
+    gpu_ms: dict[str, float] = defaultdict(float)
+    for k in kernels:
+        launched = launches.get((k.get("args") or {}).get("correlation"), (None, None))[1]
+        gpu_ms[phase_at(ranges, range_starts, launched)] += float(k.get("dur", 0)) / 1000
+
     starts = sorted((float(k["ts"]), k) for k in kernels)
     start_times = [t for t, _ in starts]
     gaps = []
@@ -103,14 +128,21 @@ def main() -> None:
         op, launched = launches.get((after.get("args") or {}).get("correlation"), ("(launch not traced)", None))
         gaps.append((gap, end, after, op, launched))
     by_op: dict[str, float] = defaultdict(float)
+    idle_ms: dict[str, float] = defaultdict(float)
     host_bound = 0.0
     for gap, end, _, op, launched in gaps:
         by_op[op] += gap
+        idle_ms[phase_at(ranges, range_starts, launched)] += gap / 1000
         if launched is not None and launched > end:
             host_bound += gap
     total_listed = sum(g[0] for g in gaps)
     print(f"gaps of {args.min_gap_us:g} us or more: {len(gaps)}, {total_listed / 1000:.1f} ms; of those, ended by a kernel "
           f"launched after the gap began (the host's): {host_bound / 1000:.1f} ms")
+    if ranges:
+        n = max(1, len(steps))
+        print(f"per step, by phase: {'host ms':>8} {'GPU kernels ms':>15} {'GPU idle before them ms':>24}")
+        for name in (*PHASES, "between"):
+            print(f"  {name:<16} {host_ms[name] / n:>8.1f} {gpu_ms[name] / n:>15.1f} {idle_ms[name] / n:>24.1f}")
     print("largest gaps: idle us, the kernel after it, the host op that launched it, launched how long after the gap began")
     for gap, end, after, op, launched in sorted(gaps, key=lambda g: -g[0])[: args.top]:
         when = "not traced" if launched is None else f"{launched - end:+.0f} us"

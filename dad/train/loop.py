@@ -280,11 +280,28 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
             # the memory of the last micro-batch's outputs, which are all consumed by now
             torch.compiler.cudagraph_mark_step_begin()
         with ctx:
-            with autocast_for(device, cfg.precision):
+            with _phase("forward"), autocast_for(device, cfg.precision):
                 depth, tokens = module(x)
-            terms = (compiled_losses(cfg.compile_mode) if cfg.compile else compute_losses)(depth, tokens, batch, cfg)
-            (terms["total"] / len(micro_batches)).backward()  # a non-finite loss only spoils grads we drop
+            with _phase("losses"):
+                terms = (compiled_losses(cfg.compile_mode) if cfg.compile else compute_losses)(depth, tokens, batch, cfg)
+            with _phase("backward"):
+                (terms["total"] / len(micro_batches)).backward()  # a non-finite loss only spoils grads we drop
         sums += torch.stack([terms[k].detach().float() for k in keys]) / len(micro_batches)
+    with _phase("optimizer"):
+        sums, nonfinite = _clip_and_update(module, optimizer, sums, cfg)
+    return StepResult(torch.cat([sums, nonfinite.reshape(1)]))
+
+
+def _phase(name: str) -> contextlib.AbstractContextManager:
+    """A named range in a --profile-steps trace (nothing, and no operator call, otherwise)."""
+    return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
+
+
+def _clip_and_update(module: nn.Module, optimizer: torch.optim.Optimizer, sums: torch.Tensor,
+                     cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradients and step, unless a loss term (in ``sums``) or the gradient norm is not
+    finite on some rank. Returns the loss terms (under DDP, their mean over the ranks) and that
+    verdict as a 0-d float tensor (1: skipped)."""
     if cfg.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
     else:  # not clipped, but a finite loss with overflowing gradients must not be applied either
@@ -305,7 +322,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
     elif nonfinite.item() == 0:  # other optimizers: the host decides, after waiting for the device
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(torch.cat([sums, nonfinite.reshape(1)]))
+    return sums, nonfinite
 
 
 # --------------------------------------------------------------------------------------------

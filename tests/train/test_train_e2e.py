@@ -392,6 +392,7 @@ def test_profile_steps_writes_a_trace_of_those_steps(tmp_path, cache):
     events = json.loads(gzip.decompress((out / "profile" / "trace_steps_3-4.json.gz").read_bytes()))["traceEvents"]
     names = {e.get("name") for e in events}
     assert {"step 3", "step 4"} <= names and "step 2" not in names and "step 5" not in names
+    assert {"forward", "losses", "backward", "optimizer"} <= names  # each step's phases
     assert any(str(n).startswith("aten::") for n in names)  # the ops inside the steps
     assert "--profile-steps: steps 3-4 traced to " in (out / "train.log").read_text()
 
