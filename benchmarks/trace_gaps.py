@@ -91,8 +91,16 @@ def main() -> None:
     print(f"{args.trace}: {len(steps)} traced steps, {len(kernels)} GPU kernels and copies")
     for s in steps:
         print(f"  {s['name']}: {float(s['dur']) / 1000:.1f} ms on the host")
+    ranges = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]) for e in events
+                    if e.get("cat") == "user_annotation" and e.get("name") in PHASES)
+    range_starts = [r[0] for r in ranges]
+    host_ms: dict[str, float] = defaultdict(float)
+    for a, b, name in ranges:
+        host_ms[name] += (b - a) / 1000
+    n = max(1, len(steps))
     if not kernels:
-        print("no GPU kernels (a CPU run): nothing waited for the host")
+        print("no GPU kernels (a CPU run): host ms per step, by phase: "
+              + ", ".join(f"{name} {host_ms[name] / n:.1f}" for name in PHASES))
         return
 
     busy = busy_intervals(kernels)
@@ -104,14 +112,7 @@ def main() -> None:
           f"{(span - busy_us) / 1000 / max(1, len(steps)):.1f} ms a step of {per_step / 1000:.1f}")
 
     launches = launching_ops(events)
-    # each phase's host time, the GPU time of the kernels launched in it, and the idle time
-    # that ended with one of them
-    ranges = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"]) for e in events
-                    if e.get("cat") == "user_annotation" and e.get("name") in PHASES)
-    range_starts = [r[0] for r in ranges]
-    host_ms: dict[str, float] = defaultdict(float)
-    for a, b, name in ranges:
-        host_ms[name] += (b - a) / 1000
+    # the GPU time of the kernels launched in each phase, and the idle time that ended with one
     gpu_ms: dict[str, float] = defaultdict(float)
     for k in kernels:
         launched = launches.get((k.get("args") or {}).get("correlation"), (None, None))[1]
@@ -139,7 +140,6 @@ def main() -> None:
     print(f"gaps of {args.min_gap_us:g} us or more: {len(gaps)}, {total_listed / 1000:.1f} ms; of those, ended by a kernel "
           f"launched after the gap began (the host's): {host_bound / 1000:.1f} ms")
     if ranges:
-        n = max(1, len(steps))
         print(f"per step, by phase: {'host ms':>8} {'GPU kernels ms':>15} {'GPU idle before them ms':>24}")
         for name in (*PHASES, "between"):
             print(f"  {name:<16} {host_ms[name] / n:>8.1f} {gpu_ms[name] / n:>15.1f} {idle_ms[name] / n:>24.1f}")
