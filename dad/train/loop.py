@@ -468,6 +468,15 @@ class StepProfiler:
         self.profiler, self.enabled = None, False
         return path
 
+    def close(self) -> None:
+        """Stop a trace left open by a run that ended early (an error, Ctrl-C): nothing written."""
+        if self.step_range is not None:
+            self.step_range.__exit__(None, None, None)
+            self.step_range = None
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
 
 def check_compile_mode(cfg: TrainConfig, world_size: int) -> None:
     """CUDA graphs of compiled code are for one process: under DDP, torch's CUDA graph trees meet
@@ -489,7 +498,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     out_dir = Path(cfg.output_dir)
     logger = RunLogger(out_dir, info.is_main)
-    progress = SimpleNamespace(step=None, saved=None)  # for the message of an interrupted run
+    # for the message of an interrupted run, and a trace to stop
+    progress = SimpleNamespace(step=None, saved=None, profiler=None)
     try:
         return _train(cfg, info, device, out_dir, logger, make_batch_source, progress)
     except KeyboardInterrupt:
@@ -498,6 +508,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         f"({'its checkpoint' if progress.saved else 'the start: no checkpoint yet'})")
         raise
     finally:
+        if progress.profiler is not None:
+            progress.profiler.close()
         gc.unfreeze()  # the loop froze start-up's objects; a caller going on needs them collectable
         logger.close()
         if dist.is_initialized():
@@ -637,7 +649,7 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         return terms, applied
 
     progress.step = progress.saved = step
-    profiler = StepProfiler(cfg.profile_steps, start_step, total_steps, out_dir, device, info.is_main)
+    profiler = progress.profiler = StepProfiler(cfg.profile_steps, start_step, total_steps, out_dir, device, info.is_main)
     while step < total_steps:
         profiler.before(step)
         wait_before = batches.wait_seconds

@@ -397,6 +397,25 @@ def test_profile_steps_writes_a_trace_of_those_steps(tmp_path, cache):
     assert "--profile-steps: steps 3-4 traced to " in (out / "train.log").read_text()
 
 
+def test_a_run_that_fails_while_tracing_stops_the_profiler(tmp_path, cache, monkeypatch):
+    from dad.train import loop
+
+    calls = []
+    real_step = loop.train_step
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # inside the traced steps 2-4
+            raise RuntimeError("a step failed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        loop.train(_cfg(cache, tmp_path / "run", num_iterations=4, checkpoint_interval=4, profile_steps=3))
+    assert not torch.autograd.profiler._is_profiler_enabled  # a later run (or trace) in this process is unaffected
+    assert not (tmp_path / "run" / "profile").exists()
+
+
 def test_a_compiler_that_fails_is_one_error_naming_the_flag(tmp_path, cache, monkeypatch):
     import torch._dynamo
     import torch._inductor.config
