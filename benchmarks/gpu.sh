@@ -64,6 +64,10 @@ for name in train train-compile; do
             --batch-size 4 --steps 30 --num-workers 8 --trace-dir "$out" ${flag[@]+"${flag[@]}"}
     fi
 done
+# where the traced steps' GPU time went (benchmarks/trace_gaps.py), in one file beside the traces
+for trace in "$out"/trace-*.json.gz; do
+    [[ -f $trace ]] && "$py" benchmarks/trace_gaps.py "$trace" --top 10 >> "$out/trace-gaps.txt" 2>&1
+done
 # the rows the goals are judged on, together at the end
 logs=()
 for name in train train-compile; do
@@ -77,6 +81,7 @@ if [[ -f $out/cache.log || ${#logs[@]} -gt 0 ]]; then
         echo "-- $(basename "$log" .log)"
         grep -E "^(source|cache|online)[ ,]|^cached / online|^\(cached step|^compiled graphs left out" "$log"
     done
+    [[ -f $out/trace-gaps.txt ]] && grep -E "^(\S+trace-\S+:|GPU busy)" "$out/trace-gaps.txt"
 fi
 if ((${#failed[@]})); then
     echo "gpu.sh: failed: ${failed[*]} (logs in $out)" >&2
