@@ -46,7 +46,9 @@ if [[ $which == *" infer "* ]]; then
     part infer "$py" benchmarks/infer.py --arch vitl --input-size 518 --batch-size 4 --iters 20
 fi
 if [[ $which == *" cache "* ]]; then
-    part cache "$py" benchmarks/cache.py --teacher-arch vitl --size 560 --images 384 --batch-size 8
+    # the variants the goal and the encoder-thread question need (no-patch-rgb: measured before)
+    part cache "$py" benchmarks/cache.py --teacher-arch vitl --size 560 --images 384 --batch-size 8 \
+        --variants zarr/png2,webdataset/png2,zarr/png2/enc2
 fi
 if [[ $which == *" losses "* ]]; then
     part losses "$py" benchmarks/losses.py
