@@ -29,6 +29,10 @@ level, because a segment is an interval of teacher values (x -> floor((x - min) 
 monotone under IEEE rounding): the teacher map is sorted once. The student needs one sort per
 level; on GPUs its levels are stacked into one sort, and both maps at every level are
 normalised in one pass (``STACKED``). Everything is computed in float32.
+
+The gradient of a normalisation is written out (``_GroupNormalize``, ``ANALYTIC_BACKWARD``):
+three per-group sums and a few passes over the pixels of the rows that need it (the student's),
+instead of autograd's way back through the sort-order gathers and the cumulative sum.
 """
 
 from __future__ import annotations
