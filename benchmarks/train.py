@@ -308,7 +308,8 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
         leaves = [t.detach().requires_grad_() for t in outputs]
         terms = timed("losses", lambda: compute_losses(leaves[0], leaves[1] if tokens is not None else None, batch, cfg))
         timed("losses backward", lambda: terms["total"].backward())
-        timed("student backward", lambda: torch.autograd.backward(outputs, [t.grad for t in leaves]))
+        reached = [(out, leaf.grad) for out, leaf in zip(outputs, leaves) if leaf.grad is not None]
+        timed("student backward", lambda: torch.autograd.backward(*map(list, zip(*reached))))
 
         def update():
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
