@@ -246,7 +246,7 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
     from dad.infer import autocast_for, resolve_device
     from dad.models import build_depth_model
     from dad.train.data import student_input
-    from dad.train.loop import DistillModule, build_optimizer, compute_losses, move_batch
+    from dad.train.loop import DistillModule, build_optimizer, clip_and_update, compute_losses, move_batch
     from dad.train.sources import CachedBatchSource
     from dad.utils.profiling import OperatorCalls
     from dad.utils.transfer import pinned
@@ -311,12 +311,8 @@ def step_breakdown(cfg, steps: int) -> tuple[dict[str, float], dict[str, int], d
         reached = [(out, leaf.grad) for out, leaf in zip(outputs, leaves) if leaf.grad is not None]
         timed("student backward", lambda: torch.autograd.backward(*map(list, zip(*reached))))
 
-        def update():
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        timed("optimizer", update)
+        # what dad train does after the backward: clip, check for non-finite values, update
+        timed("optimizer", lambda: clip_and_update(module, optimizer, torch.stack([terms[k].detach() for k in terms]), cfg))
     total = sum(kernel_ms.values()) or 1.0
     kernels = [(name[:110], ms, ms / total) for name, ms in sorted(kernel_ms.items(), key=lambda kv: -kv[1])[:12]]
     return {k: v / steps for k, v in phases.items()}, calls, waits, kernels, (phase_kernel_ms if profiling else {})

@@ -288,7 +288,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
                 (terms["total"] / len(micro_batches)).backward()  # a non-finite loss only spoils grads we drop
         sums += torch.stack([terms[k].detach().float() for k in keys]) / len(micro_batches)
     with _phase("optimizer"):
-        sums, nonfinite = _clip_and_update(module, optimizer, sums, cfg)
+        sums, nonfinite = clip_and_update(module, optimizer, sums, cfg)
     return StepResult(torch.cat([sums, nonfinite.reshape(1)]))
 
 
@@ -297,7 +297,7 @@ def _phase(name: str) -> contextlib.AbstractContextManager:
     return torch.profiler.record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
-def _clip_and_update(module: nn.Module, optimizer: torch.optim.Optimizer, sums: torch.Tensor,
+def clip_and_update(module: nn.Module, optimizer: torch.optim.Optimizer, sums: torch.Tensor,
                      cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients and step, unless a loss term (in ``sums``) or the gradient norm is not
     finite on some rank. Returns the loss terms (under DDP, their mean over the ranks) and that
