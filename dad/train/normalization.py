@@ -163,6 +163,27 @@ def _per_pixel(stats: torch.Tensor, groups: torch.Tensor, differentiable: bool =
     return _PerPixel.apply(padded, groups) if sums and differentiable else padded.gather(1, groups)
 
 
+@torch.library.custom_op("dad::running_sum", mutates_args=())
+def running_sum(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sum along the last dim, as ``torch.cumsum``, but opaque to torch.compile: inductor
+    (torch 2.11, CUDA) failed to generate its split scan of a (24, 313600) float64 sum written
+    into a concatenation ("list indices must be integers or slices, not NoneType"), so compiled
+    steps call the eager kernel here, which is the same one eager training runs."""
+    return torch.cumsum(x, dim=-1)
+
+
+@running_sum.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _running_sum_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    return running_sum(grad.flip(-1)).flip(-1)  # each input adds to every later output
+
+
+running_sum.register_autograd(_running_sum_backward)
+
+
 def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: torch.Tensor | None,
                  all_grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(median, MAD, count) per group, each (R, G), each pixel's group median (R, M), and the
@@ -187,7 +208,7 @@ def _group_stats(x: torch.Tensor, groups: torch.Tensor, num_groups: int, order: 
     if not all_grouped:
         dev = torch.where(groups < g, dev, torch.zeros_like(x))
     acc = torch.float32 if x.device.type == "mps" else torch.float64  # Apple GPUs have no float64
-    csum = torch.cat([dev.new_zeros(r, 1, dtype=acc), dev.gather(1, order).to(acc).cumsum(dim=1)], dim=1)
+    csum = torch.cat([dev.new_zeros(r, 1, dtype=acc), running_sum(dev.gather(1, order).to(acc))], dim=1)
     sums = csum.gather(1, start + count) - csum.gather(1, start)
     mad = (sums / count.clamp(min=1)).to(x.dtype)
     return med, mad, count, med_px, med_index

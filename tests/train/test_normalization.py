@@ -17,6 +17,7 @@ from dad.train.normalization import (
     normalize_hybrid,
     normalize_local,
     normalized_abs_diff,
+    running_sum,
     segment_ids,
 )
 
@@ -58,6 +59,18 @@ def test_grouped_median_mad_with_an_empty_group_by_hand():
     # group 0: 3 4 5 -> 4, MAD (1 + 0 + 1) / 3; group 2: 1 2 -> lower middle 1, MAD (0 + 1) / 2
     assert med.tolist() == [[4.0, 0.0, 1.0]]
     assert torch.allclose(mad, t(2 / 3, 0.0, 0.5)[None]) and count.tolist() == [[3, 0, 2]]
+
+
+def test_running_sum_is_cumsum_with_its_gradient_and_compiles():
+    """The MAD's cumulative sum is a custom op (opaque to torch.compile, for an inductor bug on
+    CUDA): the values and gradient of cumsum, registered so that compiled code calls it."""
+    x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(running_sum(x), x.cumsum(-1))
+    assert torch.autograd.gradcheck(running_sum, (x,))
+    torch.library.opcheck(running_sum, (x,))
+    mad_like = torch.compile(lambda v: torch.cat([v.new_zeros(v.shape[0], 1), running_sum(v.abs())], 1), fullgraph=True)
+    v = torch.randn(2, 7, dtype=torch.float64)
+    assert torch.allclose(mad_like(v)[:, 1:], v.abs().cumsum(-1))
 
 
 def test_group_order_sorts_negative_zero_subnormal_and_infinite_values():
