@@ -665,7 +665,8 @@ def _train(cfg, info, device, out_dir, logger, make_batch_source, progress: Simp
         except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile's compiler, not the training, failed
             reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise ConfigError(f"--compile: torch.compile could not compile the step ({reason}); run without --compile, "
-                              f"or give inductor what it needs (a C++ compiler on CPUs, Triton on GPUs)") from e
+                              f"or give inductor what it needs (a C++ compiler on CPUs, Triton on GPUs); a failure inside "
+                              f"inductor itself is torch's: try another --compile-mode or torch version") from e
         if step + 1 < total_steps:
             batches.prefetch()
         window["wait"] += batches.wait_seconds - wait_before
